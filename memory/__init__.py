@@ -1,0 +1,21 @@
+"""KV memory: the paged pool, its allocators, reservation policies and the token pool."""
+
+from memory.index_allocator import IndexAllocator, OutOfIndices
+from memory.kv_cache_manager import KVCacheManager, IntegrityError
+from memory.kv_pool import KVPool, kv_bytes_per_token
+from memory.reservation import ConservativeReservation, DynamicReservation, ReservationPolicy, make_reservation
+from memory.token_pool import TokenPool
+
+__all__ = [
+    "ConservativeReservation",
+    "DynamicReservation",
+    "IndexAllocator",
+    "IntegrityError",
+    "KVCacheManager",
+    "KVPool",
+    "OutOfIndices",
+    "ReservationPolicy",
+    "TokenPool",
+    "kv_bytes_per_token",
+    "make_reservation",
+]

@@ -1,0 +1,40 @@
+"""The contract between a batch's metadata and an attention kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """One ragged batch. Sequences are ordered decodes first (one query token each), then prefill chunks.
+
+    Host tensors (``*_cpu``) are what planners read; device tensors are what kernels read. Both
+    describe the same batch and are never mutated after the batch is built.
+    """
+
+    num_decodes: int
+    query_start_loc_cpu: torch.Tensor  # [B+1] int32: sequence i's queries are tokens [qsl[i], qsl[i+1])
+    kv_lens_cpu: torch.Tensor  # [B] int32: KV length of sequence i after this step's tokens are written
+    page_table: torch.Tensor  # [B, max_pages] int32, device; unused entries are page 0
+    slot_mapping: torch.Tensor  # [T] int64, device: page * page_size + offset where token t's KV goes
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_lens_cpu.shape[0]
+
+
+class AttentionBackend(Protocol):
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Called once per batch before the forward (FlashInfer builds its schedule here)."""
+        ...
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D]; writes k/v into ``kv_cache`` (one layer) and returns [T, Hq, D]."""
+        ...

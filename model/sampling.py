@@ -1,0 +1,67 @@
+"""Token sampling in torch: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+A seeded request draws its noise from a generator seeded by (seed, output index), so its tokens
+do not depend on which other requests share the batch, nor on the pipeline depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: spreads (seed, step) pairs apart
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters of one batch, built on the host from lengths and params only."""
+
+    temperature: torch.Tensor  # [B] fp32; 0 = greedy
+    top_k: torch.Tensor  # [B] int64; 0 = off
+    top_p: torch.Tensor  # [B] fp32; 1 = off
+    min_p: torch.Tensor  # [B] fp32; 0 = off
+    seeds: list[int | None]  # per row
+    steps: list[int]  # per row: index of the token being sampled (for seeded noise)
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+
+def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B] int64."""
+    greedy_ids = logits.argmax(dim=-1)
+    if params.all_greedy:
+        return greedy_ids
+    dev = logits.device
+    temp = params.temperature.to(dev)
+    is_greedy = temp == 0
+    probs = torch.softmax(logits / torch.where(is_greedy, 1.0, temp).unsqueeze(1), dim=-1)
+    probs = _apply_filters(probs, params.top_k.to(dev), params.top_p.to(dev), params.min_p.to(dev))
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, (seed, step) in enumerate(zip(params.seeds, params.steps)):
+        if seed is not None:
+            g = torch.Generator(device=dev).manual_seed((seed * _SEED_MIX + step) % 2**63)
+            noise[row].exponential_(generator=g)
+    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), without a CPU round trip.
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(is_greedy, greedy_ids, sampled)
+
+
+def _apply_filters(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    vocab = probs.shape[-1]
+    if bool(((top_k > 0) & (top_k < vocab)).any()) or bool((top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=probs.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+        sorted_p = sorted_p.masked_fill(rank >= k, 0.0)
+        # top-p over what top-k kept (as vLLM does): keep the smallest prefix reaching top_p of its
+        # mass; the first token is always kept.
+        mass_before = (sorted_p.cumsum(dim=-1) - sorted_p) / sorted_p.sum(dim=-1, keepdim=True)
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if bool((min_p > 0).any()):
+        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -1,0 +1,206 @@
+"""The embedded async API: ``async for out in engine.generate(...)``.
+
+The engine core runs in its own thread, so the event loop only validates, tokenizes and routes
+outputs, and a long forward never blocks the loop. Commands go in through a thread-safe queue;
+outputs come back in one loop callback per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, AsyncIterator
+
+import structlog
+
+from runtime.config import EngineConfig
+from runtime.engine_core import EngineCore, EngineStats
+from runtime.input_processor import Prompt
+from runtime.outputs import RequestOutput
+from scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
+
+log = structlog.get_logger("conveyor.engine")
+
+_STOP = object()
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
+        """Loads the model (blocking); inside a running loop prefer ``await AsyncEngine.create(...)``."""
+        self.config = config or EngineConfig(**overrides)
+        self.core = EngineCore(self.config)
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.num_step_failures = 0
+
+    @classmethod
+    async def create(cls, config: EngineConfig | None = None, **overrides: Any) -> "AsyncEngine":
+        engine = await asyncio.to_thread(cls, config, **overrides)
+        engine.start()
+        return engine
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model_name
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.core.tokenizer
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and backpressure (read without locking: counters may be one step old)."""
+        return self.core.stats()
+
+    async def shutdown(self) -> None:
+        """Abort what is still running, stop the engine thread and wait for it."""
+        if self._thread is None:
+            return
+        for rid in list(self._streams):
+            self._commands.put(("abort", rid))
+        self._commands.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def __aenter__(self) -> "AsyncEngine":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- requests -------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: Prompt | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> Request:
+        """Validate and tokenize; raises InvalidRequestError naming the field at fault."""
+        if request_id is not None and request_id in self._streams:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        ids = self.core.inputs.token_ids(prompt, messages)
+        return self.core.inputs.make_request(ids, params or SamplingParams(), request_id, priority, tenant)
+
+    async def generate(
+        self,
+        prompt: Prompt | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (text and token deltas); the last one has ``finished=True``.
+
+        Leaving the loop early (break, cancellation, a disconnected client) aborts the request.
+        """
+        req = self.make_request(prompt, params, messages=messages, request_id=request_id,
+                                priority=priority, tenant=tenant)
+        async for out in self.submit(req):
+            yield out
+
+    async def submit(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Stream an already validated request (see ``make_request``)."""
+        if not self.is_alive:
+            self.start()
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[req.request_id] = stream
+        self._commands.put(("add", req))
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished:
+                self._commands.put(("abort", req.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            if not self._drain(block=not core.has_work()):
+                return
+            if not core.has_work():
+                continue
+            try:
+                outputs = core.step()
+            except Exception as e:  # a bug, not a client: fail what was running, keep serving
+                self.num_step_failures += 1
+                log.exception("engine step failed; aborting the running requests")
+                outputs = [
+                    out for rid in [r.request_id for r in core.scheduler.running]
+                    if (out := core.abort_request(rid, FinishReason.ERROR, f"engine error: {e}")) is not None
+                ]
+            if outputs:
+                self._emit(outputs)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        outputs: list[RequestOutput] = []
+        try:
+            cmd = self._commands.get() if block else self._commands.get_nowait()
+            while True:
+                if cmd is _STOP:
+                    for rid in list(self.core.scheduler.requests):
+                        if (out := self.core.abort_request(rid)) is not None:
+                            outputs.append(out)
+                    self._emit(outputs)
+                    return False
+                op, arg = cmd
+                if op == "add":
+                    self.core.add_request(arg)
+                elif (out := self.core.abort_request(arg)) is not None:
+                    outputs.append(out)
+                cmd = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+        if outputs:
+            self._emit(outputs)
+        return True
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except RuntimeError:  # the loop closed under us during shutdown; nobody is listening
+            pass
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)

@@ -1,0 +1,160 @@
+"""``conveyor`` (and ``python -m runtime``): generate, chat; engine flags follow vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from typing import Any, Sequence
+
+import msgspec
+
+from runtime.config import EngineConfig
+from runtime.logging import configure_logging
+
+_HELP = {
+    "model": "'default' (SmolLM2-135M-Instruct), a preset, an HF directory or a .gguf file",
+    "load_format": "auto, or dummy for random weights with the model's shapes",
+    "kv_cache_memory": "bytes for the KV pool on CPU, e.g. 2GiB (default 1GiB)",
+    "reservation": "KV reservation: conservative (prompt+max_tokens) or dynamic (grow on demand)",
+    "block_size": "tokens per KV page",
+}
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for field in msgspec.structs.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        kwargs: dict[str, Any] = {"default": default, "help": _HELP.get(field.name, "") + f" (default: {default})"}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif field.name == "kv_cache_memory":
+            kwargs["type"] = parse_bytes
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            kwargs["type"] = type(default)
+        elif default is None:
+            kwargs["type"] = int if field.name != "served_model_name" else str
+        group.add_argument(flag, **kwargs)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = [f.name for f in msgspec.structs.fields(EngineConfig)]
+    return EngineConfig(**{n: getattr(args, n) for n in names})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.7)
+    group.add_argument("--top-p", type=float, default=0.95)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--sampling-seed", dest="sample_seed", type=int, default=None, help="per-request sampling seed")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from scheduler import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.sample_seed, stop=args.stop,
+    )
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from runtime.async_engine import AsyncEngine
+
+    engine = await AsyncEngine.create(engine_config(args))
+    try:
+        messages = [{"role": "user", "content": args.prompt}] if args.chat_template else None
+        prompt = None if messages else args.prompt
+        async for out in engine.generate(prompt, sampling_params(args), messages=messages):
+            print(out.text, end="", flush=True)
+        print()
+    finally:
+        await engine.shutdown()
+    return 0
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from runtime.async_engine import AsyncEngine
+
+    engine = await AsyncEngine.create(engine_config(args))
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(f"Chatting with {engine.model_name}. Empty line or Ctrl-D to quit, /reset to forget.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            if line.strip() == "/reset":
+                del history[1 if args.system else 0 :]
+                continue
+            history.append({"role": "user", "content": line})
+            reply = []
+            async for out in engine.generate(messages=history, params=sampling_params(args)):
+                print(out.text, end="", flush=True)
+                reply.append(out.text)
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        await engine.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference runtime")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt and stream it to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap the prompt as a user chat message (default: on)")
+    add_sampling_args(gen)
+    add_engine_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive streaming chat in the terminal")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(chat)
+    add_engine_args(chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop does not exist on Windows
+        runner = asyncio.run
+    handlers = {"generate": _generate, "chat": _chat}
+    try:
+        return runner(handlers[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # config, model and request errors: say what, no trace
+        print(f"conveyor: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

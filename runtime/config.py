@@ -1,0 +1,54 @@
+"""Engine configuration. Field names follow vLLM's flags where the concept is the same."""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
+    model: str = "default"
+    load_format: str = "auto"  # auto | dummy (random weights with the model's exact shapes)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    schedule_policy: str = "fcfs"
+    reservation: str = "dynamic"  # conservative | dynamic
+    reservation_beta: float = 0.3  # dynamic: share of max_tokens that must fit at admission
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
+        return dev
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

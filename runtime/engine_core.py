@@ -1,0 +1,141 @@
+"""The engine core: builds the model, memory and scheduler from an EngineConfig and runs steps.
+
+One step (pipeline depth 1): schedule -> prepare -> launch -> read back -> process outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import structlog
+import torch
+
+from memory import KVCacheManager, KVPool, TokenPool, kv_bytes_per_token, make_reservation
+from model import load_model, resolve_model
+from model.attention import TorchPagedAttention
+from model.tokenizer import load_tokenizer
+from runtime.config import ConfigError, EngineConfig
+from runtime.input_processor import InputProcessor
+from runtime.model_runner import ModelRunner
+from runtime.output_processor import OutputProcessor
+from runtime.outputs import RequestOutput
+from scheduler import FinishReason, Request, Scheduler, SchedulerLimits, make_policy
+
+log = structlog.get_logger("conveyor.engine")
+
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class EngineStats(NamedTuple):
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV pages owned by requests
+    num_preemptions: int  # since start
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        source = resolve_model(config.model, config.load_format)
+        mcfg = source.config
+        self.model_config = mcfg
+        self.model_name = config.served_model_name or source.name
+        max_len = config.max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len {max_len} exceeds the model's {mcfg.max_position_embeddings} positions")
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_len:
+            raise ConfigError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+        self.max_model_len = max_len
+
+        torch.manual_seed(config.seed)
+        self.model = load_model(source, self.dtype, self.device, config.seed)
+        self.model.init_rotary(max_len + 1)
+        self.tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+
+        self.kv_pool = KVPool.from_budget(
+            self._kv_budget(), mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim,
+            self.dtype, self.device,
+        )
+        if self.kv_pool.usable_pages * config.block_size < max_len:
+            raise ConfigError(
+                f"the KV pool holds {self.kv_pool.usable_pages * config.block_size} tokens, fewer than "
+                f"max_model_len {max_len}; lower --max-model-len or give the KV cache more memory"
+            )
+        kv = KVCacheManager(
+            self.kv_pool.usable_pages, config.block_size,
+            make_reservation(config.reservation, config.reservation_beta),
+            first_page=KVPool.RESERVED_PAGES,
+        )
+        limits = SchedulerLimits(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.scheduler = Scheduler(limits, make_policy(config.schedule_policy), kv)
+        poison = os.environ.get("CONVEYOR_DEBUG_POISON") == "1"
+        self.token_pool = TokenPool(config.max_num_seqs, max_len, self.device, poison=poison)
+        backend = TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, self.device, config.seed)
+        eos = set(mcfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.outputs = OutputProcessor(self.scheduler, self.tokenizer, tuple(sorted(eos)))
+        self.inputs = InputProcessor(self.tokenizer, max_len, mcfg.vocab_size)
+        log.info(
+            "engine ready", model=self.model_name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            kv_pages=self.kv_pool.usable_pages, block_size=config.block_size, max_model_len=max_len,
+        )
+
+    def _kv_budget(self) -> int:
+        cfg, mcfg = self.config, self.model_config
+        if cfg.kv_cache_memory is not None:
+            return cfg.kv_cache_memory
+        if self.device.type == "cpu":
+            return CPU_KV_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free
+        budget = int(total * cfg.gpu_memory_utilization) - used_by_others
+        # Leave room for one step's activations and logits at the full token budget.
+        per_token = kv_bytes_per_token(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
+        activations = cfg.max_num_batched_tokens * (mcfg.intermediate_size * 6 + mcfg.vocab_size * 4)
+        return max(budget - activations, per_token * self.config.block_size * 2)
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add(req)
+        self.outputs.track(req)
+
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+                      error: str | None = None) -> RequestOutput | None:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None  # unknown or already finished: aborting is idempotent
+        return self.outputs.abort(req, reason, error)
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=sched.num_waiting,
+            kv_usage=sched.kv.usage,
+            num_preemptions=sched.num_preemptions,
+        )
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        prepared = self.runner.prepare(batch)
+        sampled = self.runner.execute(prepared)
+        return self.outputs.process(batch, sampled.tolist())
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

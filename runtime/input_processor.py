@@ -1,0 +1,90 @@
+"""The input stage: prompt text, chat messages or token ids -> a validated Request.
+
+Runs in the caller's thread (the API's event loop), never on the engine's launch path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Sequence
+
+from scheduler import InvalidRequestError, Request, SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
+        if messages is not None:
+            return self._chat_ids(messages)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "prompt is empty")
+            ids = self._require_tokenizer("prompt").encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise InvalidRequestError("prompt", "token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if not ids:
+            raise InvalidRequestError("prompt", "prompt is empty")
+        return ids
+
+    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self._require_tokenizer("messages")
+        if not messages:
+            raise InvalidRequestError("messages", "messages is empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"messages[{i}]", "each message needs a role and a content")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template itself rejects the conversation (jinja raise_exception)
+            raise InvalidRequestError("messages", f"chat template rejected the messages: {e}") from None
+        # The template already wrote the special tokens; encoding must not add a second BOS.
+        return tok.encode(text, add_special_tokens=False)
+
+    def _require_tokenizer(self, field: str) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequestError(field, "this model has no tokenizer; send token ids")
+        return self.tokenizer
+
+    def make_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
+    ) -> Request:
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"prompt has {n} tokens; the maximum context length is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_new > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_new}) exceeds the maximum context "
+                f"length {self.max_model_len}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
+        return Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            max_new_tokens=max_new,
+            priority=priority,
+            tenant=tenant,
+        )

@@ -1,0 +1,45 @@
+"""What the engine streams back for a request: one delta per step that produced a token."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class SampleLogprobs(msgspec.Struct, frozen=True):
+    """Log-probabilities (after temperature, before top-k/p filtering) of one sampled position."""
+
+    token_id: int
+    logprob: float
+    top: list[TokenLogprob]  # the k most likely tokens, most likely first
+
+
+class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None
+    logprobs: list[SampleLogprobs] | None = None  # one per new token when the request asked for them
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished request, as the offline ``LLM.generate`` returns it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: str | int | None
+    num_prompt_tokens: int

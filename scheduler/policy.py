@@ -1,0 +1,86 @@
+"""Scheduling policies: the order of the waiting queue, the order of running requests, and victims.
+
+The scheduler asks; the policy decides. Policies are pure Python and know nothing of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Protocol
+
+from scheduler.request import Request
+
+
+class SchedulingPolicy(Protocol):
+    name: str
+
+    def add(self, request: Request) -> None:
+        """A new arrival joins the waiting queue."""
+        ...
+
+    def requeue(self, request: Request) -> None:
+        """A preempted request goes back to wait; it has already waited once."""
+        ...
+
+    def remove(self, request: Request) -> None: ...
+
+    def peek(self) -> Request | None:
+        """The waiting request to admit next (it stays queued until ``pop``)."""
+        ...
+
+    def pop(self) -> Request: ...
+
+    def num_waiting(self) -> int: ...
+
+    def waiting(self) -> Iterable[Request]: ...
+
+    def order_running(self, running: list[Request]) -> list[Request]:
+        """Running requests in the order they get the step's token budget."""
+        ...
+
+    def victim(self, candidates: list[Request]) -> Request:
+        """Which of ``candidates`` to preempt when memory runs out."""
+        ...
+
+
+class FCFSPolicy:
+    """First come, first served: arrival order everywhere; the latest arrival is preempted first."""
+
+    name = "fcfs"
+
+    def __init__(self) -> None:
+        self._queue: deque[Request] = deque()
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def requeue(self, request: Request) -> None:
+        # Preempted requests arrived before anything still waiting, so they go first.
+        self._queue.appendleft(request)
+
+    def remove(self, request: Request) -> None:
+        self._queue.remove(request)
+
+    def peek(self) -> Request | None:
+        return self._queue[0] if self._queue else None
+
+    def pop(self) -> Request:
+        return self._queue.popleft()
+
+    def num_waiting(self) -> int:
+        return len(self._queue)
+
+    def waiting(self) -> Iterable[Request]:
+        return iter(self._queue)
+
+    def order_running(self, running: list[Request]) -> list[Request]:
+        return sorted(running, key=lambda r: r.arrival_time)
+
+    def victim(self, candidates: list[Request]) -> Request:
+        return max(candidates, key=lambda r: r.arrival_time)
+
+
+def make_policy(name: str) -> SchedulingPolicy:
+    if name == "fcfs":
+        return FCFSPolicy()
+    raise ValueError(f"unknown schedule policy {name!r}: expected one of fcfs")

@@ -1,0 +1,77 @@
+"""A request and its life: WAITING -> RUNNING -> FINISHED; RUNNING -> WAITING on preemption.
+
+Two lengths drive scheduling, and neither needs a sampled token's value:
+- ``num_tokens``: tokens that exist (prompt + every sample *launched*); advanced at launch.
+- ``num_computed_tokens``: tokens whose KV is written or being written by a launched batch.
+Token values arrive later, in ``output_token_ids``, when the output stage reads them back.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from scheduler.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, stop token or stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # client went away or asked
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0
+    tenant: str | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+    num_computed_tokens: int = 0
+    slot: int | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_launched_outputs(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.max_new_tokens - self.num_launched_outputs
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    def known_token_ids(self) -> list[int]:
+        """Every token whose value the host knows: what a recompute after preemption replays."""
+        return self.prompt_token_ids + self.output_token_ids

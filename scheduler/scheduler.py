@@ -1,0 +1,177 @@
+"""Iteration-level continuous batching: every step, pick decodes and prefill chunks under a token
+budget and a sequence cap, find them pages, and preempt (recompute) when the pool runs dry.
+
+Ownership of slots and pages is decided here: a request gets a token-pool slot and its first
+pages at admission, grows pages as it advances, and gives both back at finish or preemption
+(``release``). The scheduler never reads a sampled token's value: lengths are enough.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from memory import IndexAllocator, KVCacheManager
+from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
+from scheduler.policy import SchedulingPolicy
+from scheduler.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, policy: SchedulingPolicy, kv: KVCacheManager) -> None:
+        self.limits = limits
+        self.policy = policy
+        self.kv = kv
+        self.slots = IndexAllocator(limits.max_num_seqs)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # -- intake ---------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.policy.add(request)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.policy.num_waiting() > 0
+
+    @property
+    def num_waiting(self) -> int:
+        return self.policy.num_waiting()
+
+    # -- the step -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """Build the next batch and advance its requests' lengths as if it were already launched."""
+        budget = self.limits.max_num_batched_tokens
+        picked: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        writes: list[PoolWrite] = []
+
+        for req in self.policy.order_running(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._tokens_to_run(req, budget)
+            if n == 0:
+                continue
+            while not self.kv.grow(req.request_id, req.num_computed_tokens + n):
+                others = [r for r in self.running if r is not req and all(r is not p for p, _ in picked)]
+                victim = self.policy.victim(others) if others else req
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                picked.append((req, n))
+                budget -= n
+
+        # No admissions in a step that had to preempt: memory is short already.
+        while not preempted and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            req = self.policy.peek()
+            if req is None or not self.kv.can_admit(req.num_tokens, req.remaining_new_tokens):
+                break
+            n = self._tokens_to_run(req, budget)
+            if n == 0:
+                break
+            self.policy.pop()
+            self._admit(req)
+            if not self.kv.grow(req.request_id, n):  # admission promised more than this; cannot fail
+                raise AssertionError("admitted request could not get its first pages")
+            writes.append(PoolWrite(req.slot, 0, tuple(req.known_token_ids())))
+            picked.append((req, n))
+            budget -= n
+
+        if not picked:
+            return None
+        return self._launch(picked, writes, preempted)
+
+    def _tokens_to_run(self, req: Request, budget: int) -> int:
+        pending = req.num_tokens - req.num_computed_tokens
+        if pending == 0 or req.remaining_new_tokens <= 0:
+            # All its tokens are computed and its last sample is in flight: a length finish,
+            # known in advance, so it is left out of the next batch.
+            return 0
+        if pending > budget and not self.limits.enable_chunked_prefill:
+            return 0
+        return min(pending, budget)
+
+    def _admit(self, req: Request) -> None:
+        req.slot = self.slots.allocate(1)[0]
+        self.kv.admit(req.request_id, req.num_tokens, req.remaining_new_tokens)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def _launch(
+        self, picked: list[tuple[Request, int]], writes: list[PoolWrite], preempted: list[Request]
+    ) -> ScheduledBatch:
+        seqs: list[ScheduledSeq] = []
+        for req, n in picked:
+            samples = req.num_computed_tokens + n == req.num_tokens
+            seqs.append(
+                ScheduledSeq(
+                    request=req,
+                    slot=req.slot,
+                    start=req.num_computed_tokens,
+                    num_tokens=n,
+                    samples=samples,
+                    pages=tuple(self.kv.page_tables[req.request_id]),
+                    sample_index=req.num_launched_outputs,
+                )
+            )
+            req.num_computed_tokens += n
+            if samples:
+                req.num_tokens += 1
+        seqs.sort(key=lambda s: s.num_tokens != 1)  # decodes first; stable keeps policy order
+        num_decodes = sum(1 for s in seqs if s.num_tokens == 1)
+        return ScheduledBatch(next(self._step_ids), tuple(seqs), num_decodes, tuple(writes), tuple(preempted))
+
+    # -- leaving --------------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        """Recompute preemption: drop its KV and slot, keep its tokens, wait again at the front."""
+        self._release(req)
+        self.running.remove(req)
+        # Tokens launched but not yet read back are dropped with the KV; they will be sampled again.
+        req.num_tokens = len(req.known_token_ids())
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.policy.requeue(req)
+
+    def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if req.is_finished:
+            raise AssertionError(f"request {req.request_id} finished twice")
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        else:
+            self.policy.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        del self.requests[req.request_id]
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        self.slots.free([req.slot])
+        req.slot = None
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        self.slots.check()
+        if self.slots.num_in_use != len(self.running):
+            raise AssertionError(f"{self.slots.num_in_use} slots in use for {len(self.running)} running requests")
+        if any(not self.kv.holds(r.request_id) for r in self.running):
+            raise AssertionError("a running request holds no page table")
