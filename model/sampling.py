@@ -1,4 +1,7 @@
-"""Token sampling in torch: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+"""Token sampling in torch: penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Penalties read each row's token history from the token pool on the device, so they stay right
+when the previous batch's tokens have not reached the host yet (overlap).
 
 A seeded request draws its noise from a generator seeded by (seed, output index), so its tokens
 do not depend on which other requests share the batch, nor on the pipeline depth.
@@ -7,6 +10,7 @@ do not depend on which other requests share the batch, nor on the pipeline depth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,10 +27,68 @@ class SamplingBatch:
     min_p: torch.Tensor  # [B] fp32; 0 = off
     seeds: list[int | None]  # per row
     steps: list[int]  # per row: index of the token being sampled (for seeded noise)
+    penalties: "Penalties | None" = None
+    max_logprobs: int | None = None  # None: no row wants logprobs
 
     @property
     def all_greedy(self) -> bool:
         return bool((self.temperature == 0).all())
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI presence/frequency penalties over output tokens, HF/vLLM repetition penalty over all tokens."""
+
+    presence: torch.Tensor  # [B] fp32
+    frequency: torch.Tensor  # [B] fp32
+    repetition: torch.Tensor  # [B] fp32; 1 = off
+    history: torch.Tensor  # [B, L] int32 token ids, device (from the token pool)
+    prompt_lens: torch.Tensor  # [B] int64, device
+    lengths: torch.Tensor  # [B] int64, device: tokens in history (prompt + outputs so far)
+
+
+class Logprobs(NamedTuple):
+    sampled: torch.Tensor  # [B] logprob of the sampled token
+    top_ids: torch.Tensor  # [B, k]
+    top_values: torch.Tensor  # [B, k]
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: Logprobs | None
+
+
+def sample_with_logprobs(logits: torch.Tensor, params: SamplingBatch,
+                         generator: torch.Generator | None = None) -> SamplerOutput:
+    # Logprobs are the model's own distribution (vLLM's default "raw" logprobs): before penalties
+    # and temperature, so they do not change with the sampling settings.
+    raw = torch.log_softmax(logits, dim=-1) if params.max_logprobs is not None else None
+    if params.penalties is not None:
+        logits = apply_penalties(logits, params.penalties)
+    ids = sample(logits, params, generator)
+    if raw is None:
+        return SamplerOutput(ids, None)
+    top = raw.topk(params.max_logprobs, dim=-1) if params.max_logprobs > 0 else None
+    empty = raw[:, :0]
+    return SamplerOutput(ids, Logprobs(
+        sampled=raw.gather(1, ids.unsqueeze(1)).squeeze(1),
+        top_ids=top.indices if top is not None else empty.long(),
+        top_values=top.values if top is not None else empty,
+    ))
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    b, length = p.history.shape
+    pos = torch.arange(length, device=logits.device).unsqueeze(0)
+    known = pos < p.lengths.unsqueeze(1)
+    is_output = known & (pos >= p.prompt_lens.unsqueeze(1))
+    ids = p.history.clamp(min=0).long()
+    out_counts = torch.zeros_like(logits).scatter_add_(1, ids, is_output.to(logits.dtype))
+    seen = torch.zeros_like(logits).scatter_add_(1, ids, known.to(logits.dtype)) > 0
+    rep = p.repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - p.frequency.unsqueeze(1) * out_counts
+    return logits - p.presence.unsqueeze(1) * (out_counts > 0).to(logits.dtype)
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,17 +14,28 @@ import torch
 from memory import KVCacheManager, KVPool, TokenPool, kv_bytes_per_token, make_reservation
 from model import load_model, resolve_model
 from model.attention import TorchPagedAttention
+from model.sampling import Logprobs
 from model.tokenizer import load_tokenizer
 from runtime.config import ConfigError, EngineConfig
 from runtime.input_processor import InputProcessor
 from runtime.model_runner import ModelRunner
 from runtime.output_processor import OutputProcessor
-from runtime.outputs import RequestOutput
+from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
 from scheduler import FinishReason, Request, Scheduler, SchedulerLimits, make_policy
 
 log = structlog.get_logger("conveyor.engine")
 
 CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def read_logprobs(lp: Logprobs | None) -> list[SampleLogprobs] | None:
+    if lp is None:
+        return None
+    top_ids, top_values = lp.top_ids.tolist(), lp.top_values.tolist()
+    return [
+        SampleLogprobs(token_id=-1, logprob=v, top=[TokenLogprob(i, x) for i, x in zip(ids, vals)])
+        for v, ids, vals in zip(lp.sampled.tolist(), top_ids, top_values)
+    ]
 
 
 class EngineStats(NamedTuple):
@@ -134,8 +145,8 @@ class EngineCore:
         if batch is None:
             return []
         prepared = self.runner.prepare(batch)
-        sampled = self.runner.execute(prepared)
-        return self.outputs.process(batch, sampled.tolist())
+        out = self.runner.execute(prepared)
+        return self.outputs.process(batch, out.token_ids.tolist(), read_logprobs(out.logprobs))
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -7,7 +7,7 @@ tokens to reach the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 from memory import KVPool, TokenPool
 from model.attention import AttentionBackend, AttentionMetadata
 from model.decoder import DecoderModel
-from model.sampling import SamplingBatch, sample
+from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
 from scheduler import ScheduledBatch
 
 
@@ -86,27 +86,45 @@ class ModelRunner:
             logits_indices=torch.from_numpy(qsl[1:][sampling].astype(np.int64) - 1).to(dev, non_blocking=True),
             sample_slots=torch.from_numpy(slots[sampling]).to(dev, non_blocking=True),
             sample_positions=torch.from_numpy((starts + lens)[sampling]).to(dev, non_blocking=True),
-            sampling=_sampling_batch(sampled_seqs),
+            sampling=_sampling_batch(sampled_seqs, dev),
         )
 
     @torch.inference_mode()
-    def execute(self, prepared: PreparedBatch) -> torch.Tensor:
-        """Launch the batch; returns the sampled ids [S] on the device (not yet read back)."""
+    def execute(self, prepared: PreparedBatch) -> SamplerOutput:
+        """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
         for w in prepared.batch.pool_writes:
             self.token_pool.write(w.slot, w.start, list(w.token_ids))
         input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
         self.backend.plan(prepared.meta)
         hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
         if prepared.logits_indices.numel() == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
+            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
         logits = self.model.compute_logits(hidden[prepared.logits_indices])
-        sampled = sample(logits, prepared.sampling, self.generator)
-        self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, sampled)
-        return sampled
+        sampling = prepared.sampling
+        if sampling.penalties is not None:
+            # The history is read on the device, after this batch's own pool writes: the previous
+            # batch's sampled ids are in it even if the host has not seen them yet.
+            history = self.token_pool.ids[prepared.sample_slots, : sampling.penalties.history.shape[1]]
+            sampling = replace(sampling, penalties=replace(sampling.penalties, history=history))
+        out = sample_with_logprobs(logits, sampling, self.generator)
+        self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, out.token_ids)
+        return out
 
 
-def _sampling_batch(seqs: list) -> SamplingBatch:
+def _sampling_batch(seqs: list, device: torch.device) -> SamplingBatch:
     params = [s.request.params for s in seqs]
+    penalties = None
+    if any(p.has_penalties for p in params):
+        lengths = [s.kv_len for s in seqs]
+        penalties = Penalties(
+            presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
+            frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device),
+            repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
+            history=torch.empty((len(seqs), max(lengths)), dtype=torch.int32),  # shape only; filled at launch
+            prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs], device=device),
+            lengths=torch.tensor(lengths, device=device),
+        )
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingBatch(
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
         top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
@@ -114,4 +132,6 @@ def _sampling_batch(seqs: list) -> SamplingBatch:
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
         seeds=[p.seed for p in params],
         steps=[s.sample_index for s in seqs],
+        penalties=penalties,
+        max_logprobs=max(wanted) if wanted else None,
     )

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.outputs import RequestOutput
+from runtime.outputs import RequestOutput, SampleLogprobs
 from scheduler import FinishReason, Request, ScheduledBatch, Scheduler
 
 
@@ -21,19 +21,23 @@ class OutputProcessor:
         if self.tokenizer is not None:
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params)
 
-    def process(self, batch: ScheduledBatch, sampled: list[int]) -> list[RequestOutput]:
+    def process(self, batch: ScheduledBatch, sampled: list[int],
+                logprobs: list[SampleLogprobs] | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         sampling_seqs = [s for s in batch.seqs if s.samples]
         assert len(sampling_seqs) == len(sampled), "one sampled id per sampling sequence"
-        for seq, token in zip(sampling_seqs, sampled):
+        for row, (seq, token) in enumerate(zip(sampling_seqs, sampled)):
             req = seq.request
             if req.is_finished or seq.sample_index != len(req.output_token_ids):
                 continue  # finished, or preempted and replayed, after this batch launched: drop it
-            outputs.append(self._append(req, token, now))
+            lp = None
+            if logprobs is not None and (k := req.params.logprobs) is not None:
+                lp = SampleLogprobs(token_id=token, logprob=logprobs[row].logprob, top=logprobs[row].top[:k])
+            outputs.append(self._append(req, token, now, lp))
         return outputs
 
-    def _append(self, req: Request, token: int, now: float) -> RequestOutput:
+    def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
@@ -50,7 +54,7 @@ class OutputProcessor:
         text = detok.take_new_text(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self.finish(req, reason, stop_reason, now)
-        return self._output(req, text, [token], reason, stop_reason)
+        return self._output(req, text, [token], reason, stop_reason, logprobs=[lp] if lp is not None else None)
 
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None,
                now: float | None = None) -> None:
@@ -64,7 +68,8 @@ class OutputProcessor:
 
     @staticmethod
     def _output(req: Request, text: str, token_ids: list[int], reason: FinishReason | None,
-                stop_reason: str | int | None, error: str | None = None) -> RequestOutput:
+                stop_reason: str | int | None, error: str | None = None,
+                logprobs: list[SampleLogprobs] | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             text=text,
@@ -78,4 +83,5 @@ class OutputProcessor:
             first_token_time=req.first_token_time,
             finish_time=req.finish_time,
             error=error,
+            logprobs=logprobs,
         )

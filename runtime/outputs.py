@@ -11,7 +11,8 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 
 class SampleLogprobs(msgspec.Struct, frozen=True):
-    """Log-probabilities (after temperature, before top-k/p filtering) of one sampled position."""
+    """Log-probabilities of one sampled position, from the model's raw distribution (before penalties,
+    temperature and filtering, as vLLM reports them by default)."""
 
     token_id: int
     logprob: float
