@@ -19,7 +19,11 @@ _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: spreads (seed, step) 
 
 @dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row sampling parameters of one batch, built on the host from lengths and params only."""
+    """Per-row sampling parameters of one batch, built on the host from lengths and params only.
+
+    The ``all_greedy`` / ``any_*`` flags are decided on the host when the batch is built, so the
+    sampler never asks the device which path to take (that question would be a host sync).
+    """
 
     temperature: torch.Tensor  # [B] fp32; 0 = greedy
     top_k: torch.Tensor  # [B] int64; 0 = off
@@ -27,12 +31,42 @@ class SamplingBatch:
     min_p: torch.Tensor  # [B] fp32; 0 = off
     seeds: list[int | None]  # per row
     steps: list[int]  # per row: index of the token being sampled (for seeded noise)
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
     penalties: "Penalties | None" = None
     max_logprobs: int | None = None  # None: no row wants logprobs
 
-    @property
-    def all_greedy(self) -> bool:
-        return bool((self.temperature == 0).all())
+    @classmethod
+    def build(
+        cls,
+        temperature: list[float],
+        top_k: list[int],
+        top_p: list[float],
+        min_p: list[float],
+        seeds: list[int | None],
+        steps: list[int],
+        device: torch.device | str = "cpu",
+        penalties: "Penalties | None" = None,
+        max_logprobs: int | None = None,
+    ) -> "SamplingBatch":
+        def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(values, dtype=dtype)
+            return t if torch.device(device).type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+        return cls(
+            temperature=dev(temperature, torch.float32),
+            top_k=dev(top_k, torch.int64),
+            top_p=dev(top_p, torch.float32),
+            min_p=dev(min_p, torch.float32),
+            seeds=seeds,
+            steps=steps,
+            all_greedy=all(t == 0 for t in temperature),
+            any_top_k_top_p=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
+            any_min_p=any(m > 0 for m in min_p),
+            penalties=penalties,
+            max_logprobs=max_logprobs,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,10 +131,10 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
     if params.all_greedy:
         return greedy_ids
     dev = logits.device
-    temp = params.temperature.to(dev)
+    temp = params.temperature
     is_greedy = temp == 0
     probs = torch.softmax(logits / torch.where(is_greedy, 1.0, temp).unsqueeze(1), dim=-1)
-    probs = _apply_filters(probs, params.top_k.to(dev), params.top_p.to(dev), params.min_p.to(dev))
+    probs = _apply_filters(probs, params)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, (seed, step) in enumerate(zip(params.seeds, params.steps)):
         if seed is not None:
@@ -111,9 +145,10 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
     return torch.where(is_greedy, greedy_ids, sampled)
 
 
-def _apply_filters(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _apply_filters(probs: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     vocab = probs.shape[-1]
-    if bool(((top_k > 0) & (top_k < vocab)).any()) or bool((top_p < 1).any()):
+    top_k, top_p, min_p = params.top_k, params.top_p, params.min_p
+    if params.any_top_k_top_p:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=probs.device).unsqueeze(0)
         k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
@@ -123,7 +158,7 @@ def _apply_filters(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         mass_before = (sorted_p.cumsum(dim=-1) - sorted_p) / sorted_p.sum(dim=-1, keepdim=True)
         sorted_p = sorted_p.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if bool((min_p > 0).any()):
+    if params.any_min_p:
         floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)

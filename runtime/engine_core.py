@@ -6,6 +6,7 @@ One step (pipeline depth 1): schedule -> prepare -> launch -> read back -> proce
 from __future__ import annotations
 
 import os
+import time
 from typing import NamedTuple
 
 import structlog
@@ -21,6 +22,7 @@ from runtime.input_processor import InputProcessor
 from runtime.model_runner import ModelRunner
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
+from runtime.step_stats import StepRecord
 from scheduler import FinishReason, Request, Scheduler, SchedulerLimits, make_policy
 
 log = structlog.get_logger("conveyor.engine")
@@ -96,6 +98,7 @@ class EngineCore:
             eos.add(self.tokenizer.eos_token_id)
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer, tuple(sorted(eos)))
         self.inputs = InputProcessor(self.tokenizer, max_len, mcfg.vocab_size)
+        self.step_records: list[StepRecord] | None = None  # set to [] to record every step
         log.info(
             "engine ready", model=self.model_name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             kv_pages=self.kv_pool.usable_pages, block_size=config.block_size, max_model_len=max_len,
@@ -141,12 +144,26 @@ class EngineCore:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        t1 = time.perf_counter()
         prepared = self.runner.prepare(batch)
+        t2 = time.perf_counter()
         out = self.runner.execute(prepared)
-        return self.outputs.process(batch, out.token_ids.tolist(), read_logprobs(out.logprobs))
+        t3 = time.perf_counter()
+        sampled = out.token_ids.tolist()  # the one host wait of the step
+        logprobs = read_logprobs(out.logprobs)
+        t4 = time.perf_counter()
+        outputs = self.outputs.process(batch, sampled, logprobs)
+        if self.step_records is not None:
+            t5 = time.perf_counter()
+            ms = 1000.0
+            self.step_records.append(
+                StepRecord.of(batch, (t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms, (t4 - t3) * ms, (t5 - t4) * ms)
+            )
+        return outputs
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -125,13 +125,14 @@ def _sampling_batch(seqs: list, device: torch.device) -> SamplingBatch:
             lengths=torch.tensor(lengths, device=device),
         )
     wanted = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
+    return SamplingBatch.build(
+        temperature=[p.temperature for p in params],
+        top_k=[p.top_k for p in params],
+        top_p=[p.top_p for p in params],
+        min_p=[p.min_p for p in params],
         seeds=[p.seed for p in params],
         steps=[s.sample_index for s in seqs],
+        device=device,
         penalties=penalties,
         max_logprobs=max(wanted) if wanted else None,
     )

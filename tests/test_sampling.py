@@ -7,9 +7,8 @@ from scheduler import InvalidRequestError
 
 
 def batch(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, steps=None):
-    return SamplingBatch(
-        temperature=torch.full((n,), temperature), top_k=torch.full((n,), top_k, dtype=torch.int64),
-        top_p=torch.full((n,), top_p), min_p=torch.full((n,), min_p),
+    return SamplingBatch.build(
+        temperature=[temperature] * n, top_k=[top_k] * n, top_p=[top_p] * n, min_p=[min_p] * n,
         seeds=seeds or [None] * n, steps=steps or [0] * n,
     )
 
