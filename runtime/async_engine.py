@@ -179,6 +179,7 @@ class AsyncEngine:
                         if (out := self.core.abort_request(rid)) is not None:
                             outputs.append(out)
                     self._emit(outputs)
+                    self.core.close()
                     return False
                 op, arg = cmd
                 if op == "add":

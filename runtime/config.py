@@ -26,6 +26,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     schedule_policy: str = "fcfs"
     reservation: str = "dynamic"  # conservative | dynamic
     reservation_beta: float = 0.3  # dynamic: share of max_tokens that must fit at admission
+    pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -37,6 +38,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.pipeline_depth not in (1, 2, 3):
+            raise ConfigError(f"pipeline_depth must be 1, 2 or 3, got {self.pipeline_depth}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -5,7 +5,9 @@ One step (pipeline depth 1): schedule -> prepare -> launch -> read back -> proce
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import deque
 import time
 from typing import NamedTuple
 
@@ -15,29 +17,48 @@ import torch
 from memory import KVCacheManager, KVPool, TokenPool, kv_bytes_per_token, make_reservation
 from model import load_model, resolve_model
 from model.attention import TorchPagedAttention
-from model.sampling import Logprobs
 from model.tokenizer import load_tokenizer
 from runtime.config import ConfigError, EngineConfig
+from runtime.executor import CpuExecutor, CudaExecutor, Launched
 from runtime.input_processor import InputProcessor
 from runtime.model_runner import ModelRunner
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
 from runtime.step_stats import StepRecord
-from scheduler import FinishReason, Request, Scheduler, SchedulerLimits, make_policy
+from scheduler import FinishReason, Request, ScheduledBatch, Scheduler, SchedulerLimits, make_policy
 
 log = structlog.get_logger("conveyor.engine")
 
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
-def read_logprobs(lp: Logprobs | None) -> list[SampleLogprobs] | None:
+def _logprobs(lp: tuple[list[float], list[list[int]], list[list[float]]] | None) -> list[SampleLogprobs] | None:
     if lp is None:
         return None
-    top_ids, top_values = lp.top_ids.tolist(), lp.top_values.tolist()
+    sampled, top_ids, top_values = lp
     return [
         SampleLogprobs(token_id=-1, logprob=v, top=[TokenLogprob(i, x) for i, x in zip(ids, vals)])
-        for v, ids, vals in zip(lp.sampled.tolist(), top_ids, top_values)
+        for v, ids, vals in zip(sampled, top_ids, top_values)
     ]
+
+
+class _InFlight(NamedTuple):
+    batch: ScheduledBatch
+    launched: Launched
+    schedule: tuple[float, float]
+    prepare: tuple[float, float]
+    launch: tuple[float, float]
+
+
+class _SyncDebug:
+    """torch.cuda.set_sync_debug_mode("error") for the launch path: any hidden host sync raises."""
+
+    def __enter__(self) -> None:
+        self._old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.set_sync_debug_mode(self._old)
 
 
 class EngineStats(NamedTuple):
@@ -93,6 +114,14 @@ class EngineCore:
         self.token_pool = TokenPool(config.max_num_seqs, max_len, self.device, poison=poison)
         backend = TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
         self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, self.device, config.seed)
+        self.pipeline_depth = config.pipeline_depth
+        self.executor: CpuExecutor | CudaExecutor = (
+            CudaExecutor(self.runner, self.device, config.max_num_seqs, config.pipeline_depth)
+            if self.device.type == "cuda" else CpuExecutor(self.runner)
+        )
+        self._in_flight: deque[_InFlight] = deque()
+        self._last_device_end = 0.0
+        self._debug_sync = self.device.type == "cuda" and os.environ.get("CONVEYOR_DEBUG_SYNC") == "1"
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -140,30 +169,50 @@ class EngineCore:
         )
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        """Advance the pipeline by one batch.
+
+        Launch the next batch if there is one; then, once ``pipeline_depth`` batches are in flight
+        (or nothing new could be launched), wait for the oldest and turn its tokens into outputs.
+        Depth 1 is the no-overlap twin: launch, wait, process, repeat.
+        """
+        clock = time.perf_counter
+        t0 = clock()
         batch = self.scheduler.schedule()
-        if batch is None:
+        if batch is not None:
+            t1 = clock()
+            with self._sync_debug():
+                prepared = self.runner.prepare(batch)
+                t2 = clock()
+                launched = self.executor.launch(prepared)
+            self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock())))
+        if not self._in_flight or (batch is not None and len(self._in_flight) < self.pipeline_depth):
             return []
-        t1 = time.perf_counter()
-        prepared = self.runner.prepare(batch)
-        t2 = time.perf_counter()
-        out = self.runner.execute(prepared)
-        t3 = time.perf_counter()
-        sampled = out.token_ids.tolist()  # the one host wait of the step
-        logprobs = read_logprobs(out.logprobs)
-        t4 = time.perf_counter()
-        outputs = self.outputs.process(batch, sampled, logprobs)
+        done = self._in_flight.popleft()
+        t3 = clock()
+        result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        t4 = clock()
+        outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        self.scheduler.batch_done(done.batch)
         if self.step_records is not None:
-            t5 = time.perf_counter()
-            ms = 1000.0
-            self.step_records.append(
-                StepRecord.of(batch, (t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms, (t4 - t3) * ms, (t5 - t4) * ms)
-            )
+            idle = max(0.0, result.device_start - self._last_device_end) if self._last_device_end else 0.0
+            self.step_records.append(StepRecord.of(
+                done.batch, schedule=done.schedule, prepare=done.prepare, launch=done.launch, wait=(t3, t4),
+                process=(t4, clock()), device=(result.device_start, result.device_end), device_idle_before=idle,
+            ))
+        self._last_device_end = result.device_end
         return outputs
+
+    def _sync_debug(self):
+        return _SyncDebug() if self._debug_sync else contextlib.nullcontext()
+
+    def close(self) -> None:
+        while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
+            self.executor.wait(self._in_flight.popleft().launched)
+        self.executor.close()
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

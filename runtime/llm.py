@@ -17,6 +17,15 @@ class LLM:
     def __init__(self, model: str = "default", **overrides: Any) -> None:
         self.core = EngineCore(EngineConfig(model=model, **overrides))
 
+    def close(self) -> None:
+        self.core.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Sequence[Prompt],

@@ -29,8 +29,9 @@ class OutputProcessor:
         assert len(sampling_seqs) == len(sampled), "one sampled id per sampling sequence"
         for row, (seq, token) in enumerate(zip(sampling_seqs, sampled)):
             req = seq.request
-            if req.is_finished or seq.sample_index != len(req.output_token_ids):
-                continue  # finished, or preempted and replayed, after this batch launched: drop it
+            if req.is_finished or seq.epoch != req.num_preemptions:
+                continue  # finished or preempted after this batch launched: a zombie sample, dropped
+            assert seq.sample_index == len(req.output_token_ids), "samples arrive in launch order"
             lp = None
             if logprobs is not None and (k := req.params.logprobs) is not None:
                 lp = SampleLogprobs(token_id=token, logprob=logprobs[row].logprob, top=logprobs[row].top[:k])

@@ -1,7 +1,14 @@
-"""Per-step accounting: what each step ran and where its time went (host clocks, milliseconds)."""
+"""Per-step accounting: what each step ran and where its time went.
+
+Times are host-clock seconds (``time.perf_counter``); device intervals come from CUDA events
+anchored to that clock (or the CPU executor's worker thread), so one timeline holds both lanes.
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
+from pathlib import Path
 from typing import NamedTuple
 
 from scheduler import ScheduledBatch
@@ -13,24 +20,75 @@ class StepRecord(NamedTuple):
     num_tokens: int  # query tokens (prefill chunks + decodes)
     num_prefill_tokens: int
     kv_tokens_read: int  # sum of KV lengths attended over: the KV bytes a step must read
-    schedule_ms: float
-    prepare_ms: float
-    launch_ms: float
-    wait_ms: float  # host blocked reading back the sampled ids
-    process_ms: float
+    schedule: tuple[float, float]  # producer: policy + batch building + admission
+    prepare: tuple[float, float]  # producer: host tensors, staging, H2D copies, attention plan
+    launch: tuple[float, float]  # consumer: kernel launches (graph replay)
+    wait: tuple[float, float]  # the host blocked on this batch's read-back
+    process: tuple[float, float]  # output stage: append, stops, detokenize, stream
+    device: tuple[float, float]  # the device (or CPU worker) ran this batch
+    device_idle_before: float  # seconds the device sat idle between the previous batch and this one
 
     @classmethod
-    def of(cls, batch: ScheduledBatch, schedule_ms: float, prepare_ms: float, launch_ms: float, wait_ms: float,
-           process_ms: float) -> "StepRecord":
+    def of(cls, batch: ScheduledBatch, **times: tuple[float, float] | float) -> "StepRecord":
         return cls(
             step_id=batch.step_id,
             num_seqs=len(batch.seqs),
             num_tokens=batch.num_tokens,
             num_prefill_tokens=batch.num_prefill_tokens,
             kv_tokens_read=sum(s.kv_len for s in batch.seqs),
-            schedule_ms=schedule_ms,
-            prepare_ms=prepare_ms,
-            launch_ms=launch_ms,
-            wait_ms=wait_ms,
-            process_ms=process_ms,
+            **times,  # type: ignore[arg-type]
         )
+
+    @staticmethod
+    def ms(span: tuple[float, float]) -> float:
+        return (span[1] - span[0]) * 1000.0
+
+    @property
+    def cpu_ms(self) -> float:
+        return sum(self.ms(s) for s in (self.schedule, self.prepare, self.launch, self.process))
+
+
+class OverlapSummary(NamedTuple):
+    steps: int
+    device_busy_s: float
+    device_idle_s: float
+    mean_cpu_ms: float  # schedule + prepare + launch + process per step
+    mean_device_ms: float
+
+    @property
+    def idle_fraction(self) -> float:
+        total = self.device_busy_s + self.device_idle_s
+        return self.device_idle_s / total if total else 0.0
+
+    @classmethod
+    def of(cls, records: list[StepRecord]) -> "OverlapSummary":
+        if not records:
+            return cls(0, 0.0, 0.0, float("nan"), float("nan"))
+        busy = sum(r.device[1] - r.device[0] for r in records)
+        # The first batch's idle gap is start-up, not pipeline: leave it out.
+        idle = sum(r.device_idle_before for r in records[1:])
+        return cls(len(records), busy, idle, statistics.fmean(r.cpu_ms for r in records),
+                   statistics.fmean(StepRecord.ms(r.device) for r in records))
+
+
+def write_chrome_trace(records: list[StepRecord], path: Path, device_label: str) -> None:
+    """A Chrome/Perfetto trace: one lane per host stage and one for the device."""
+    if not records:
+        path.write_text("[]")
+        return
+    t0 = min(r.schedule[0] for r in records)
+    lanes = {"producer: schedule": 1, "producer: prepare": 1, "consumer: launch": 2, "output: wait": 3,
+             "output: process": 3, device_label: 4}
+    names = {1: "producer", 2: "consumer", 3: "output", 4: device_label}
+    events: list[dict] = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": n}}
+                          for tid, n in names.items()]
+    for r in records:
+        spans = {"producer: schedule": r.schedule, "producer: prepare": r.prepare, "consumer: launch": r.launch,
+                 "output: wait": r.wait, "output: process": r.process, device_label: r.device}
+        for name, (a, b) in spans.items():
+            events.append({
+                "ph": "X", "pid": 1, "tid": lanes[name], "name": f"{name.split(': ')[-1]} #{r.step_id}",
+                "ts": (a - t0) * 1e6, "dur": max(b - a, 0.0) * 1e6,
+                "args": {"seqs": r.num_seqs, "tokens": r.num_tokens, "prefill_tokens": r.num_prefill_tokens},
+            })
+    path.write_text(json.dumps(events))

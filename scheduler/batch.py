@@ -16,6 +16,7 @@ class ScheduledSeq:
     samples: bool  # the chunk reaches the last known token, so a new token is sampled after it
     pages: tuple[int, ...]  # the request's page table as of this step
     sample_index: int  # index of the output token being sampled (seeds derive from it)
+    epoch: int  # request.num_preemptions at launch: a sample from an older epoch is dropped
 
     @property
     def kv_len(self) -> int:

@@ -45,7 +45,8 @@ class Request:
     slot: int | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # also the request's epoch: samples launched before a preemption are stale
+    num_inflight: int = 0  # launched batches holding this request whose outputs are not processed yet
     first_token_time: float | None = None
     finish_time: float | None = None
 

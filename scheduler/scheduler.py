@@ -2,8 +2,14 @@
 budget and a sequence cap, find them pages, and preempt (recompute) when the pool runs dry.
 
 Ownership of slots and pages is decided here: a request gets a token-pool slot and its first
-pages at admission, grows pages as it advances, and gives both back at finish or preemption
-(``release``). The scheduler never reads a sampled token's value: lengths are enough.
+pages at admission and grows pages as it advances. It gives both back
+- at finish (stop, length, abort): only once no launched batch holding it is still unprocessed
+  (``batch_done``), so a batch in flight never reads a page or slot that has a new owner;
+- at preemption: at once, because memory is needed now. That is safe because every device
+  access to pages, slots and the token pool is a kernel on the one compute stream (or, on the
+  CPU, the one executor thread), and the new owner's accesses come from batches launched later.
+  The preempted request's in-flight samples are dropped by epoch.
+The scheduler never reads a sampled token's value: lengths are enough.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class Scheduler:
         self.kv = kv
         self.slots = IndexAllocator(limits.max_num_seqs)
         self.running: list[Request] = []
+        self.draining: list[Request] = []  # finished, waiting for in-flight batches before release
         self.requests: dict[str, Request] = {}
         self._step_ids = itertools.count()
         self.num_preemptions = 0
@@ -128,8 +135,10 @@ class Scheduler:
                     samples=samples,
                     pages=tuple(self.kv.page_tables[req.request_id]),
                     sample_index=req.num_launched_outputs,
+                    epoch=req.num_preemptions,
                 )
             )
+            req.num_inflight += 1
             req.num_computed_tokens += n
             if samples:
                 req.num_tokens += 1
@@ -155,13 +164,26 @@ class Scheduler:
             raise AssertionError(f"request {req.request_id} finished twice")
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            self._release(req)
+            if req.num_inflight:
+                self.draining.append(req)
+            else:
+                self._release(req)
         else:
             self.policy.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
         del self.requests[req.request_id]
+
+    def batch_done(self, batch: ScheduledBatch) -> None:
+        """The batch's outputs are processed: nothing in flight reads its requests through it any more."""
+        for seq in batch.seqs:
+            seq.request.num_inflight -= 1
+        if self.draining:
+            done = [r for r in self.draining if r.num_inflight == 0]
+            for req in done:
+                self.draining.remove(req)
+                self._release(req)
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -171,7 +193,10 @@ class Scheduler:
     def check_integrity(self) -> None:
         self.kv.check_integrity()
         self.slots.check()
-        if self.slots.num_in_use != len(self.running):
-            raise AssertionError(f"{self.slots.num_in_use} slots in use for {len(self.running)} running requests")
-        if any(not self.kv.holds(r.request_id) for r in self.running):
+        holders = self.running + self.draining
+        if self.slots.num_in_use != len(holders):
+            raise AssertionError(f"{self.slots.num_in_use} slots in use for {len(holders)} requests holding slots")
+        if any(not self.kv.holds(r.request_id) for r in holders):
             raise AssertionError("a running request holds no page table")
+        if len(self.kv.page_tables) != len(holders):
+            raise AssertionError("a page table has no running or draining owner")

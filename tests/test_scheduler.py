@@ -27,6 +27,7 @@ def run_to_completion(s: Scheduler, max_steps=1000):
                 r.output_token_ids.append(7)
                 if len(r.output_token_ids) >= r.max_new_tokens:
                     s.finish(r, FinishReason.LENGTH)
+        s.batch_done(batch)
     return steps
 
 
@@ -85,9 +86,12 @@ def test_abort_of_a_waiting_request_leaves_nothing_behind():
     a, b = req("a", 2, t=0), req("b", 2, t=1)
     s.add(a)
     s.add(b)
-    s.schedule()
+    batch = s.schedule()
     s.finish(b, FinishReason.ABORT)  # still waiting
-    s.finish(a, FinishReason.ABORT)  # running
-    assert not s.has_work()
+    s.finish(a, FinishReason.ABORT)  # running, and in the launched batch: pages kept until it is done
+    assert s.kv.holds("a") and s.draining == [a]
+    s.check_integrity()
+    s.batch_done(batch)
+    assert not s.has_work() and not s.kv.holds("a")
     s.check_integrity()
     assert s.kv.num_free_pages == 64

@@ -1,0 +1,106 @@
+"""The consumer stage: launches prepared batches and hands back their sampled ids.
+
+Two executors, one contract. ``launch`` returns at once with the batch in flight; ``wait`` blocks
+until that batch's sampled ids are on the host. Batches run in launch order (one CUDA stream, or
+one worker thread), and that order is the only synchronisation between batch N writing the token
+pool and batch N+1 reading it.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import torch
+
+from model.sampling import Logprobs, SamplerOutput
+from runtime.model_runner import ModelRunner, PreparedBatch
+
+
+class BatchResult(NamedTuple):
+    token_ids: list[int]
+    logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None  # sampled, top ids, top values
+    device_start: float  # host-clock seconds when the device started the batch
+    device_end: float  # ... and finished it
+
+
+class Launched(NamedTuple):
+    prepared: PreparedBatch  # keeps every tensor the in-flight batch reads alive
+    handle: Any  # executor-specific
+
+
+def _host_logprobs(lp: Logprobs | None) -> tuple[list[float], list[list[int]], list[list[float]]] | None:
+    if lp is None:
+        return None
+    return lp.sampled.tolist(), lp.top_ids.tolist(), lp.top_values.tolist()
+
+
+class CpuExecutor:
+    """One worker thread runs the forward (torch releases the GIL in its kernels), so the engine
+    thread schedules and prepares batch N+1 while batch N computes: the same pipeline as on a GPU."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-consumer")
+
+    def launch(self, prepared: PreparedBatch) -> Launched:
+        return Launched(prepared, self._worker.submit(self._run, prepared))
+
+    def _run(self, prepared: PreparedBatch) -> BatchResult:
+        start = time.perf_counter()
+        out: SamplerOutput = self.runner.execute(prepared)
+        ids = out.token_ids.tolist()
+        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter())
+
+    def wait(self, launched: Launched) -> BatchResult:
+        future: Future[BatchResult] = launched.handle
+        return future.result()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+
+class _CudaHandle(NamedTuple):
+    out: SamplerOutput
+    host_ids: torch.Tensor  # pinned; filled by the D2H copy
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+class CudaExecutor:
+    """Kernels go on the current stream; the sampled ids come back through a pinned buffer and an event."""
+
+    def __init__(self, runner: ModelRunner, device: torch.device, max_batch: int, depth: int) -> None:
+        self.runner = runner
+        self.device = device
+        # depth + 1 pinned read-back buffers, round robin: buffer i is rewritten only by the batch
+        # launched depth + 1 batches later, by which time batch i has been waited for.
+        self._host_ids = [torch.empty(max_batch, dtype=torch.int64, pin_memory=True) for _ in range(depth + 1)]
+        self._next = 0
+        # Anchor device time to host time once, so device intervals can be drawn on the host clock.
+        self._anchor = torch.cuda.Event(enable_timing=True)
+        self._anchor.record()
+        self._anchor.synchronize()
+        self._anchor_host = time.perf_counter()
+
+    def launch(self, prepared: PreparedBatch) -> Launched:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.runner.execute(prepared)
+        n = out.token_ids.shape[0]
+        host = self._host_ids[self._next][:n]
+        self._next = (self._next + 1) % len(self._host_ids)
+        host.copy_(out.token_ids, non_blocking=True)
+        end.record()
+        return Launched(prepared, _CudaHandle(out, host, start, end))
+
+    def wait(self, launched: Launched) -> BatchResult:
+        h: _CudaHandle = launched.handle
+        h.end.synchronize()
+        t0 = self._anchor_host + self._anchor.elapsed_time(h.start) / 1000.0
+        t1 = self._anchor_host + self._anchor.elapsed_time(h.end) / 1000.0
+        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1)
+
+    def close(self) -> None:
+        pass
