@@ -39,6 +39,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.num_step_failures = 0
+        self._idle_waiters: list[asyncio.Future[None]] = []  # touched by the engine thread only
 
     @classmethod
     async def create(cls, config: EngineConfig | None = None, **overrides: Any) -> "AsyncEngine":
@@ -148,10 +149,22 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def wait_idle(self) -> None:
+        """Return once every command sent before this call is applied and no request is running or
+        in flight (so every finished request's pages are back in the pool)."""
+        if not self.is_alive:
+            return
+        assert self._loop is not None
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._commands.put(("idle", done))
+        await done
+
     # -- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
         core = self.core
         while True:
+            if not core.has_work():
+                self._release_idle_waiters()
             if not self._drain(block=not core.has_work()):
                 return
             if not core.has_work():
@@ -184,6 +197,8 @@ class AsyncEngine:
                 op, arg = cmd
                 if op == "add":
                     self.core.add_request(arg)
+                elif op == "idle":
+                    self._idle_waiters.append(arg)
                 elif (out := self.core.abort_request(arg)) is not None:
                     outputs.append(out)
                 cmd = self._commands.get_nowait()
@@ -192,6 +207,12 @@ class AsyncEngine:
         if outputs:
             self._emit(outputs)
         return True
+
+    def _release_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fut in waiters:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None
