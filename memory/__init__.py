@@ -3,6 +3,7 @@
 from memory.index_allocator import IndexAllocator, OutOfIndices
 from memory.kv_cache_manager import KVCacheManager, IntegrityError
 from memory.kv_pool import KVPool, kv_bytes_per_token
+from memory.pinned_staging import PinnedStaging
 from memory.reservation import ConservativeReservation, DynamicReservation, ReservationPolicy, make_reservation
 from memory.token_pool import TokenPool
 
@@ -14,6 +15,7 @@ __all__ = [
     "KVCacheManager",
     "KVPool",
     "OutOfIndices",
+    "PinnedStaging",
     "ReservationPolicy",
     "TokenPool",
     "kv_bytes_per_token",

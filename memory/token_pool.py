@@ -19,9 +19,12 @@ class TokenPool:
         self.num_slots = num_slots
         self.max_len = max_len
         self.poison = poison
-        # One spare column so a request at max_len can still be written its final sampled id.
+        # One spare column so a request at max_len can still be written its final sampled id, and
+        # one spare row, the padding slot: padded batch rows (CUDA graphs) read and write only there.
         fill = POISON if poison else 0
-        self.ids = torch.full((num_slots, max_len + 1), fill, dtype=torch.int32, device=device)
+        self.ids = torch.full((num_slots + 1, max_len + 1), fill, dtype=torch.int32, device=device)
+        self.padding_slot = num_slots
+        self.ids[self.padding_slot].zero_()
 
     def write(self, slot: int, start: int, token_ids: list[int]) -> None:
         """Host -> pool, for prompts and for recompute after preemption."""

@@ -10,7 +10,9 @@ from torch import nn
 
 from model.attention.backend import AttentionBackend, AttentionMetadata
 from model.config import ModelConfig
-from model.ops import RotaryEmbedding, rms_norm, silu_and_mul
+from model.kernels import FlashInferKernels, TorchKernels, make_kernels
+
+Kernels = TorchKernels | FlashInferKernels
 
 
 class RMSNorm(nn.Module):
@@ -18,9 +20,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -38,20 +37,21 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        kernels: Kernels,
         backend: AttentionBackend,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
-        o = backend.forward(q, k, v, kv_cache, meta)
+            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q, k = kernels.rope(q, k, positions)
+        o = backend.forward(q.contiguous(), k, v, kv_cache, meta)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -61,8 +61,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -82,12 +82,12 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary: RotaryEmbedding | None = None
+        self.kernels: Kernels | None = None
 
-    def init_rotary(self, max_positions: int) -> None:
-        self.rotary = RotaryEmbedding(
-            self.config.rope, self.config.head_dim, max_positions, self.embed_tokens.weight.device
-        )
+    def init_kernels(self, max_positions: int) -> None:
+        """Pick the kernel set for the weights' device (after loading) and build the RoPE tables."""
+        device = self.embed_tokens.weight.device
+        self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device)
 
     @torch.inference_mode()
     def forward(
@@ -99,15 +99,19 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; ``kv_caches[i]`` is layer i's pages."""
-        assert self.rotary is not None, "call init_rotary() after loading weights"
-        h = self.embed_tokens(input_ids)
+        kernels = self.kernels
+        assert kernels is not None, "call init_kernels() after loading weights"
+        residual = self.embed_tokens(input_ids)
+        first = self.layers[0].input_layernorm
+        h = kernels.rms_norm(residual, first.weight, first.eps)
         for i, layer in enumerate(self.layers):
-            residual = h
-            h = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, backend, kv_caches[i], meta)
-            h = residual + h
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
-        return self.norm(h)
+            h = layer.self_attn(h, positions, kernels, backend, kv_caches[i], meta)
+            norm = layer.post_attention_layernorm
+            h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+            h = layer.mlp(h, kernels)
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

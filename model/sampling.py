@@ -130,10 +130,23 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
     greedy_ids = logits.argmax(dim=-1)
     if params.all_greedy:
         return greedy_ids
+    is_greedy = params.temperature == 0
+    if logits.is_cuda:
+        ids = _flashinfer_sample(logits, params, generator)
+        if any(seed is not None for seed in params.seeds):
+            # FlashInfer's per-row seeds still depend on the row's place in the batch; a seeded
+            # request must not, so its rows take the torch path.
+            seeded = torch.tensor([seed is not None for seed in params.seeds]).to(logits.device, non_blocking=True)
+            ids = torch.where(seeded, _torch_sample(logits, params, generator), ids)
+    else:
+        ids = _torch_sample(logits, params, generator)
+    return torch.where(is_greedy, greedy_ids, ids)
+
+
+def _torch_sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
     dev = logits.device
     temp = params.temperature
-    is_greedy = temp == 0
-    probs = torch.softmax(logits / torch.where(is_greedy, 1.0, temp).unsqueeze(1), dim=-1)
+    probs = torch.softmax(logits / torch.where(temp == 0, 1.0, temp).unsqueeze(1), dim=-1)
     probs = _apply_filters(probs, params)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, (seed, step) in enumerate(zip(params.seeds, params.steps)):
@@ -141,8 +154,27 @@ def sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generat
             g = torch.Generator(device=dev).manual_seed((seed * _SEED_MIX + step) % 2**63)
             noise[row].exponential_(generator=g)
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), without a CPU round trip.
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(is_greedy, greedy_ids, sampled)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _flashinfer_sample(logits: torch.Tensor, params: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
+    import flashinfer.sampling as fs
+
+    vocab = logits.shape[-1]
+    temp = torch.where(params.temperature == 0, 1.0, params.temperature)
+    probs = fs.softmax(logits, temperature=temp)
+    # top_k goes in as an int32 device tensor: a small Python int would take a fast path whose
+    # kernel is not in the prebuilt kit.
+    top_k = torch.where(params.top_k > 0, params.top_k, vocab).to(torch.int32)
+    if params.any_min_p:
+        if params.any_top_k_top_p:
+            probs = fs.top_p_renorm_probs(fs.top_k_renorm_probs(probs, top_k), params.top_p)
+        ids = fs.min_p_sampling_from_probs(probs, params.min_p, generator=generator)
+    elif params.any_top_k_top_p:
+        ids = fs.top_k_top_p_sampling_from_probs(probs, top_k, params.top_p, generator=generator)
+    else:
+        ids = fs.sampling_from_probs(probs, generator=generator)
+    return ids.long()
 
 
 def _apply_filters(probs: torch.Tensor, params: SamplingBatch) -> torch.Tensor:

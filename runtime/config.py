@@ -26,6 +26,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     schedule_policy: str = "fcfs"
     reservation: str = "dynamic"  # conservative | dynamic
     reservation_beta: float = 0.3  # dynamic: share of max_tokens that must fit at admission
+    enforce_eager: bool = False  # CUDA: no decode graphs
     pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
     served_model_name: str | None = None
 

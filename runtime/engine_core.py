@@ -9,27 +9,41 @@ import contextlib
 import os
 from collections import deque
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
 import torch
 
-from memory import KVCacheManager, KVPool, TokenPool, kv_bytes_per_token, make_reservation
+from memory import KVCacheManager, KVPool, PinnedStaging, TokenPool, make_reservation
 from model import load_model, resolve_model
-from model.attention import TorchPagedAttention
+from model.attention import AttentionBackend, TorchPagedAttention
 from model.tokenizer import load_tokenizer
 from runtime.config import ConfigError, EngineConfig
 from runtime.executor import CpuExecutor, CudaExecutor, Launched
 from runtime.input_processor import InputProcessor
-from runtime.model_runner import ModelRunner
+from runtime.model_runner import ModelRunner, staging_regions
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
 from runtime.step_stats import StepRecord
-from scheduler import FinishReason, Request, ScheduledBatch, Scheduler, SchedulerLimits, make_policy
+from scheduler import (
+    FinishReason,
+    PoolWrite,
+    Request,
+    SamplingParams,
+    ScheduledBatch,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerLimits,
+    make_policy,
+)
+
+if TYPE_CHECKING:
+    from model.attention.flashinfer_backend import FlashInferAttention
 
 log = structlog.get_logger("conveyor.engine")
 
 CPU_KV_CACHE_BYTES = 1 << 30
+MAX_GRAPH_BATCH = 512
 
 
 def _logprobs(lp: tuple[list[float], list[list[int]], list[list[float]]] | None) -> list[SampleLogprobs] | None:
@@ -86,11 +100,12 @@ class EngineCore:
 
         torch.manual_seed(config.seed)
         self.model = load_model(source, self.dtype, self.device, config.seed)
-        self.model.init_rotary(max_len + 1)
+        self.model.init_kernels(max_len + 1)
         self.tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
 
+        backend = self._make_attention_backend()
         self.kv_pool = KVPool.from_budget(
-            self._kv_budget(), mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim,
+            self._kv_budget(backend), mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim,
             self.dtype, self.device,
         )
         if self.kv_pool.usable_pages * config.block_size < max_len:
@@ -112,8 +127,17 @@ class EngineCore:
         self.scheduler = Scheduler(limits, make_policy(config.schedule_policy), kv)
         poison = os.environ.get("CONVEYOR_DEBUG_POISON") == "1"
         self.token_pool = TokenPool(config.max_num_seqs, max_len, self.device, poison=poison)
-        backend = TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, self.device, config.seed)
+        staging = PinnedStaging(
+            staging_regions(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                            -(-max_len // config.block_size) + 1, self.kv_pool.num_pages),
+            config.pipeline_depth + 1, self.device,
+        )
+        self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device, config.seed)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from runtime.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.model, self.kv_pool, self.token_pool, staging,
+                                              min(config.max_num_seqs, MAX_GRAPH_BATCH), backend.workspace)
         self.pipeline_depth = config.pipeline_depth
         self.executor: CpuExecutor | CudaExecutor = (
             CudaExecutor(self.runner, self.device, config.max_num_seqs, config.pipeline_depth)
@@ -133,19 +157,57 @@ class EngineCore:
             kv_pages=self.kv_pool.usable_pages, block_size=config.block_size, max_model_len=max_len,
         )
 
-    def _kv_budget(self) -> int:
+    def _make_attention_backend(self) -> TorchPagedAttention | FlashInferAttention:
+        mcfg = self.model_config
+        if self.device.type == "cuda":
+            from model.attention.flashinfer_backend import FlashInferAttention
+
+            return FlashInferAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.config.block_size,
+                                       self.device)
+        return TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
+
+    def _kv_budget(self, backend: AttentionBackend) -> int:
         cfg, mcfg = self.config, self.model_config
         if cfg.kv_cache_memory is not None:
             return cfg.kv_cache_memory
         if self.device.type == "cpu":
             return CPU_KV_CACHE_BYTES
+        peak = self._profile_forward(backend)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free
-        budget = int(total * cfg.gpu_memory_utilization) - used_by_others
-        # Leave room for one step's activations and logits at the full token budget.
-        per_token = kv_bytes_per_token(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, self.dtype)
-        activations = cfg.max_num_batched_tokens * (mcfg.intermediate_size * 6 + mcfg.vocab_size * 4)
-        return max(budget - activations, per_token * self.config.block_size * 2)
+        graphs = 0
+        if not cfg.enforce_eager:
+            from runtime.cuda_graphs import capture_sizes
+
+            # Each captured graph keeps its own fp32 logits output alive.
+            graphs = sum(capture_sizes(min(cfg.max_num_seqs, MAX_GRAPH_BATCH))) * mcfg.vocab_size * 4 + (256 << 20)
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - peak - graphs
+        log.info("kv budget", total_gib=round(total / 2**30, 1), used_gib=round((total - free) / 2**30, 2),
+                 activation_peak_gib=round(peak / 2**30, 2), graphs_gib=round(graphs / 2**30, 2),
+                 kv_gib=round(budget / 2**30, 2))
+        return budget
+
+    def _profile_forward(self, backend: AttentionBackend) -> int:
+        """Peak bytes one full-budget prefill step allocates beyond what is already held."""
+        cfg, mcfg = self.config, self.model_config
+        tokens = min(cfg.max_num_batched_tokens, self.max_model_len - 1)
+        pages = -(-tokens // cfg.block_size) + KVPool.RESERVED_PAGES
+        kv = KVPool(mcfg.num_layers, pages, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device)
+        pool = TokenPool(1, tokens, self.device)
+        staging = PinnedStaging(staging_regions(tokens, 1, pages, pages), 1, self.device)
+        runner = ModelRunner(self.model, kv, pool, backend, staging, self.device)
+        req = Request("profile", [0] * tokens, SamplingParams(max_tokens=1), 1)
+        seq = ScheduledSeq(req, slot=0, start=0, num_tokens=tokens, samples=True,
+                           pages=tuple(range(KVPool.RESERVED_PAGES, pages)), sample_index=0, epoch=0)
+        batch = ScheduledBatch(-1, (seq,), 0, (PoolWrite(0, 0, tuple(req.prompt_token_ids)),), ())
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.execute(runner.prepare(batch))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del runner, kv, pool, staging
+        torch.cuda.empty_cache()
+        return peak
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

@@ -2,35 +2,48 @@
 
 Everything the batch needs is derived from lengths and page tables on the host; input ids are
 gathered from the token pool on the device, so a batch never waits for the previous batch's
-tokens to reach the host.
+tokens to reach the host. Decode-only batches replay a CUDA graph when one is captured.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from memory import KVPool, TokenPool
+from memory import KVPool, PinnedStaging, TokenPool
 from model.attention import AttentionBackend, AttentionMetadata
 from model.decoder import DecoderModel
 from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
-from scheduler import ScheduledBatch
+from scheduler import ScheduledBatch, ScheduledSeq
+
+if TYPE_CHECKING:
+    from runtime.cuda_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """Host-built inputs of one batch; frozen, and kept alive until the batch's outputs are read."""
+    """Inputs of one batch; frozen, and kept alive until the batch's outputs are read."""
 
     batch: ScheduledBatch
-    token_slots: torch.Tensor  # [T] slot of each query token
+    token_slots: torch.Tensor  # [T] slot of each query token (padded rows: the padding slot)
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S] query token whose logits are sampled, per sampling seq
     sample_slots: torch.Tensor  # [S]
     sample_positions: torch.Tensor  # [S] where each sampled id is written in the token pool
     sampling: SamplingBatch
+    graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
+
+
+def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int, num_pages: int) -> dict[str, int]:
+    return {
+        "token_slots": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+        "kv_indices": num_pages + max_seqs, "page_table": max_seqs * max_pages_per_seq,
+        "logits_indices": max_seqs, "sample_slots": max_seqs, "sample_positions": max_seqs,
+    }
 
 
 class ModelRunner:
@@ -40,6 +53,7 @@ class ModelRunner:
         kv_pool: KVPool,
         token_pool: TokenPool,
         backend: AttentionBackend,
+        staging: PinnedStaging,
         device: torch.device,
         seed: int = 0,
     ) -> None:
@@ -47,46 +61,71 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.token_pool = token_pool
         self.backend = backend
+        self.staging = staging
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.graphs: DecodeGraphs | None = None
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         seqs = batch.seqs
         page_size = self.kv_pool.page_size
-        lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
-        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
-        qsl = np.zeros(len(seqs) + 1, dtype=np.int32)
+        n = len(seqs)
+        lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n)
+        slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
+        graph_bs = None
+        if self.graphs is not None and batch.num_decodes == n:
+            graph_bs = self.graphs.batch_size_for(n)
+        if graph_bs is not None and graph_bs > n:
+            # Padded rows decode one token at position 0 of the padding slot into reserved page 0.
+            pad = graph_bs - n
+            lens = np.concatenate([lens, np.ones(pad, dtype=np.int64)])
+            starts = np.concatenate([starts, np.zeros(pad, dtype=np.int64)])
+            slots = np.concatenate([slots, np.full(pad, self.token_pool.padding_slot, dtype=np.int64)])
+        rows = len(lens)
+        qsl = np.zeros(rows + 1, dtype=np.int32)
         np.cumsum(lens, out=qsl[1:])
-        # positions: start_i + (t - qsl_i) for each token t of sequence i
-        seq_of_token = np.repeat(np.arange(len(seqs)), lens)
+        seq_of_token = np.repeat(np.arange(rows), lens)
         positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
-        max_pages = max(len(s.pages) for s in seqs)
-        page_table = np.zeros((len(seqs), max_pages), dtype=np.int32)
+        kv_lens = (starts + lens).astype(np.int32)
+        pages_used = (kv_lens + page_size - 1) // page_size
+        page_table = np.zeros((rows, max(int(pages_used.max()), 1)), dtype=np.int32)  # padded rows: page 0
         for i, s in enumerate(seqs):
-            page_table[i, : len(s.pages)] = s.pages
+            k = int(pages_used[i])
+            page_table[i, :k] = s.pages[:k]
         slot_mapping = page_table[seq_of_token, positions // page_size].astype(np.int64) * page_size + positions % page_size
-        slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=len(seqs))
+        kv_indptr = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(pages_used, out=kv_indptr[1:])
+        kv_indices = page_table[np.arange(page_table.shape[1])[None, :] < pages_used[:, None]]  # row-major: CSR
 
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        sampled_seqs = [seqs[i] for i in sampling]
-        dev = self.device
+        staged = self.staging.stage({
+            "token_slots": slots[seq_of_token], "positions": positions, "slot_mapping": slot_mapping,
+            "kv_indices": kv_indices, "page_table": page_table.reshape(-1),
+            "logits_indices": np.arange(len(sampling)) if graph_bs else qsl[1:][sampling] - 1,
+            "sample_slots": slots[sampling], "sample_positions": (starts + lens)[sampling],
+        })
         meta = AttentionMetadata(
-            num_decodes=batch.num_decodes,
+            num_decodes=rows if graph_bs else batch.num_decodes,
             query_start_loc_cpu=torch.from_numpy(qsl),
-            kv_lens_cpu=torch.from_numpy((starts + lens).astype(np.int32)),
-            page_table=torch.from_numpy(page_table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            kv_lens_cpu=torch.from_numpy(kv_lens),
+            page_table=staged["page_table"].view(page_table.shape),
+            slot_mapping=staged["slot_mapping"],
             page_size=page_size,
+            kv_indptr_cpu=torch.from_numpy(kv_indptr),
+            kv_indices=staged["kv_indices"],
+            kv_last_page_len_cpu=torch.from_numpy((kv_lens - (pages_used - 1) * page_size).astype(np.int32)),
         )
         return PreparedBatch(
             batch=batch,
-            token_slots=torch.from_numpy(slots[seq_of_token]).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            token_slots=staged["token_slots"],
+            positions=staged["positions"],
             meta=meta,
-            logits_indices=torch.from_numpy(qsl[1:][sampling].astype(np.int64) - 1).to(dev, non_blocking=True),
-            sample_slots=torch.from_numpy(slots[sampling]).to(dev, non_blocking=True),
-            sample_positions=torch.from_numpy((starts + lens)[sampling]).to(dev, non_blocking=True),
-            sampling=_sampling_batch(sampled_seqs, dev),
+            logits_indices=staged["logits_indices"],
+            sample_slots=staged["sample_slots"],
+            sample_positions=staged["sample_positions"],
+            sampling=_sampling_batch([seqs[i] for i in sampling], self.device),
+            graph_batch_size=graph_bs,
         )
 
     @torch.inference_mode()
@@ -94,12 +133,17 @@ class ModelRunner:
         """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
         for w in prepared.batch.pool_writes:
             self.token_pool.write(w.slot, w.start, list(w.token_ids))
-        input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
-        self.backend.plan(prepared.meta)
-        hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
-        if prepared.logits_indices.numel() == 0:
-            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
-        logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        num_samples = prepared.logits_indices.shape[0]
+        if prepared.graph_batch_size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.replay(prepared.graph_batch_size, prepared.meta)[:num_samples]
+        else:
+            input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
+            self.backend.plan(prepared.meta)
+            hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+            if num_samples == 0:
+                return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+            logits = self.model.compute_logits(hidden[prepared.logits_indices])
         sampling = prepared.sampling
         if sampling.penalties is not None:
             # The history is read on the device, after this batch's own pool writes: the previous
@@ -111,18 +155,18 @@ class ModelRunner:
         return out
 
 
-def _sampling_batch(seqs: list, device: torch.device) -> SamplingBatch:
+def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingBatch:
     params = [s.request.params for s in seqs]
     penalties = None
     if any(p.has_penalties for p in params):
         lengths = [s.kv_len for s in seqs]
         penalties = Penalties(
-            presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
-            frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device),
-            repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
+            presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
             history=torch.empty((len(seqs), max(lengths)), dtype=torch.int32),  # shape only; filled at launch
-            prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs], device=device),
-            lengths=torch.tensor(lengths, device=device),
+            prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs]).to(device, non_blocking=True),
+            lengths=torch.tensor(lengths).to(device, non_blocking=True),
         )
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingBatch.build(

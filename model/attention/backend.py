@@ -22,6 +22,11 @@ class AttentionMetadata:
     page_table: torch.Tensor  # [B, max_pages] int32, device; unused entries are page 0
     slot_mapping: torch.Tensor  # [T] int64, device: page * page_size + offset where token t's KV goes
     page_size: int
+    # The same pages as CSR, the form FlashInfer plans from: sequence i reads pages
+    # kv_indices[kv_indptr[i]:kv_indptr[i+1]], the last of them holding kv_last_page_len[i] tokens.
+    kv_indptr_cpu: torch.Tensor  # [B+1] int32
+    kv_indices: torch.Tensor  # [nnz_pages] int32, device
+    kv_last_page_len_cpu: torch.Tensor  # [B] int32
 
     @property
     def num_seqs(self) -> int:

@@ -1,0 +1,80 @@
+"""Kernel sets behind the decoder: plain torch (CPU, the reference) and FlashInfer (CUDA).
+
+The decoder calls these four methods and nothing else, so the same model code runs both ways.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+from model.config import RopeConfig
+from model.ops import RotaryEmbedding, rms_norm, rope_inv_freq, silu_and_mul
+
+
+class TorchKernels:
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+        self.rotary = RotaryEmbedding(rope, head_dim, max_positions, device)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(residual + x), residual + x), in the order transformers computes them."""
+        residual = residual + x
+        return rms_norm(residual, weight, eps), residual
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(q, k, positions)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
+
+
+class FlashInferKernels:
+    """FlashInfer's fused norm, RoPE and activation kernels (the ones in the sm90 kit)."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+        # The CuTe-DSL norm kernels are not in the prebuilt kit; the CUDA ones are.
+        os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
+        import flashinfer
+
+        self._fi = flashinfer
+        self.head_dim = head_dim
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+        # [max_pos, head_dim] fp32: cos of each frequency, then sin (FlashInfer's cos_sin_cache layout).
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device).contiguous()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dim() == 3:  # per-head q/k norm (Qwen3): FlashInfer normalises the last dim of a 2-D view
+            return self._fi.rmsnorm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+        return self._fi.rmsnorm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place: residual <- residual + x, x <- rmsnorm(residual) * weight.
+        self._fi.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = q.shape[0]
+        q2, k2 = q.reshape(t, -1), k.reshape(t, -1)
+        self._fi.apply_rope_with_cos_sin_cache_inplace(positions, q2, k2, self.head_dim, self.cos_sin, is_neox=True)
+        return q2.view(q.shape), k2.view(k.shape)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fi.silu_and_mul(x)
+
+
+def make_kernels(rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device) -> TorchKernels | FlashInferKernels:
+    if device.type == "cuda":
+        return FlashInferKernels(rope, head_dim, max_positions, device)
+    return TorchKernels(rope, head_dim, max_positions, device)
+
+
+

@@ -1,0 +1,137 @@
+"""GPU-only checks (run on the device machine: ``python -m pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # collected on CPU machines too, where every test here is deselected
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from memory import KVPool  # noqa: E402
+from model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
+from model.attention.flashinfer_backend import FlashInferAttention  # noqa: E402
+from runtime import LLM, SamplingParams  # noqa: E402
+
+
+def random_metadata(seqs: list[tuple[int, int]], page_size: int, num_pages: int, device) -> AttentionMetadata:
+    """seqs: (prefix already in the cache, new query tokens); decodes (1 new token) must come first."""
+    rng = random.Random(0)
+    free = list(range(1, num_pages))
+    rng.shuffle(free)
+    tables, slot_mapping, qsl, kv_lens = [], [], [0], []
+    for prefix, new in seqs:
+        total = prefix + new
+        pages = [free.pop() for _ in range(-(-total // page_size))]
+        tables.append(pages)
+        slot_mapping += [pages[p // page_size] * page_size + p % page_size for p in range(prefix, total)]
+        qsl.append(qsl[-1] + new)
+        kv_lens.append(total)
+    width = max(map(len, tables))
+    table = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t)
+    indptr = torch.tensor([0] + [len(t) for t in tables]).cumsum(0).to(torch.int32)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    return AttentionMetadata(
+        num_decodes=sum(1 for _, n in seqs if n == 1), query_start_loc_cpu=torch.tensor(qsl, dtype=torch.int32),
+        kv_lens_cpu=lens, page_table=table.to(device), slot_mapping=torch.tensor(slot_mapping).to(device),
+        page_size=page_size, kv_indptr_cpu=indptr,
+        kv_indices=torch.tensor([p for t in tables for p in t], dtype=torch.int32).to(device),
+        kv_last_page_len_cpu=(lens - (indptr[1:] - indptr[:-1] - 1) * page_size).to(torch.int32),
+    )
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (9, 3, 64), (32, 8, 128)])
+def test_flashinfer_matches_the_torch_reference_on_a_mixed_batch(heads, kv_heads, head_dim):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    pool = KVPool(1, 256, 16, kv_heads, head_dim, torch.bfloat16, dev)
+    pool.data.normal_()
+    # Decodes over 1..300 cached tokens, then prefill chunks with and without a paged prefix.
+    seqs = [(p, 1) for p in (1, 15, 16, 17, 300)] + [(0, 37), (64, 50), (5, 200)]
+    meta = random_metadata(seqs, 16, 256, dev)
+    t = int(meta.query_start_loc_cpu[-1])
+    q = torch.randn(t, heads, head_dim, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(t, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(t, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
+    ref_cache = pool.data[0].float()  # an fp32 copy the reference writes into
+    ref = TorchPagedAttention(heads, kv_heads, head_dim)
+    ref.plan(meta)
+    want = ref.forward(q.float(), k.float(), v.float(), ref_cache, meta)
+    fi = FlashInferAttention(heads, kv_heads, head_dim, 16, dev)
+    fi.plan(meta)
+    got = fi.forward(q, k, v, pool.data[0], meta)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.data[0].float(), ref_cache), "both wrote the same KV"
+    err = (got.float() - want).abs().max().item()
+    assert err < 2e-2, err
+
+
+def hf_reference(preset_name: str, tmp_path, prompts, max_new: int) -> tuple[str, list[list[int]]]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model.presets import preset
+
+    cfg = AutoConfig.for_model(**preset(preset_name))
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.no_grad():  # wider than HF's 0.02 init, so greedy argmaxes are not near-ties
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    hf.save_pretrained(str(tmp_path / preset_name))
+    hf = hf.cuda().eval()
+    outs = []
+    for p in prompts:
+        ids = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        outs.append(ids[0, len(p):].tolist())
+    del hf
+    torch.cuda.empty_cache()
+    return str(tmp_path / preset_name), outs
+
+
+@pytest.mark.parametrize("preset_name", ["qwen3-0.6b", "smollm2-135m"])
+def test_greedy_tokens_match_hf_in_bf16_with_and_without_graphs(preset_name, tmp_path):
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 30000) for _ in range(rng.randint(4, 300))] for _ in range(16)]
+    model_dir, ref = hf_reference(preset_name, tmp_path, prompts, 64)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    results = {}
+    for eager in (False, True):
+        llm = LLM(model_dir, max_model_len=1024, enforce_eager=eager, gpu_memory_utilization=0.5)
+        results[eager] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.core.check_integrity()
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    assert results[False] == results[True], "CUDA-graph decode and eager decode disagree"
+    matches = sum(a == b for a, b in zip(results[False], ref))
+    assert matches == len(prompts), f"{matches}/{len(prompts)} sequences match HF"
+
+
+def test_depths_agree_on_gpu_with_poison_and_sync_debug(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_DEBUG_POISON", "1")
+    monkeypatch.setenv("CONVEYOR_DEBUG_SYNC", "1")  # any host sync on the launch path raises
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 30000) for _ in range(rng.randint(1, 400))] for _ in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 80), ignore_eos=True,
+                             stop_token_ids=[rng.randrange(3, 30000)] if i % 3 == 0 else [])
+              for i in range(40)]
+    results = {}
+    for depth in (1, 2, 3):
+        llm = LLM("qwen3-0.6b", max_model_len=1024, max_num_batched_tokens=512, max_num_seqs=32,
+                  pipeline_depth=depth, kv_cache_memory=401 * 16 * 2 * 28 * 8 * 128 * 2)  # 400 pages: preempts
+        results[depth] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if depth == 1:
+            assert llm.core.scheduler.num_preemptions > 0
+        llm.core.check_integrity()
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    assert results[1] == results[2] == results[3]
