@@ -118,6 +118,32 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    from runtime.server.app import ServerSettings
+    from runtime.server.serve import serve
+
+    settings = ServerSettings(
+        host=args.host, port=args.port, max_waiting_requests=args.max_waiting_requests,
+        max_request_body=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
+    )
+    return await serve(engine_config(args), settings)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    group.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="answer 429 while this many requests wait for the engine (default: 1024)")
+    group.add_argument("--max-request-body", type=parse_bytes, default=4 << 20,
+                       help="largest request body, e.g. 4MiB; larger gets 413 (default: 4MiB)")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish on SIGINT/SIGTERM before they are aborted "
+                       "(default: 30)")
+    # Also accepted after the subcommand; SUPPRESS keeps `conveyor --log-level X serve` working.
+    group.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference runtime")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -134,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(chat)
     add_engine_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    add_server_args(serve)
+    add_engine_args(serve)
     return parser
 
 
@@ -146,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # uvloop does not exist on Windows
         runner = asyncio.run
-    handlers = {"generate": _generate, "chat": _chat}
+    handlers = {"generate": _generate, "chat": _chat, "serve": _serve}
     try:
         return runner(handlers[args.command](args))
     except KeyboardInterrupt:

@@ -12,8 +12,7 @@ import torch
 
 from memory import KVPool, PinnedStaging, TokenPool
 from model.attention import AttentionMetadata
-from model.attention.flashinfer_backend import PlanFence
-from model.attention.torch_paged import write_kv
+from model.attention.flashinfer_backend import PlanFence, append_kv
 from model.decoder import DecoderModel
 
 
@@ -33,7 +32,7 @@ class _GraphDecodeAttention:
         raise AssertionError("graph decode attention is planned by DecodeGraphs.replay")
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        append_kv(kv_cache, k, v, meta)
         return self.wrapper.run(q, kv_cache)
 
 
@@ -56,11 +55,16 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         slots, positions = staging.region("token_slots"), staging.region("positions")
         slot_mapping, kv_indices = staging.region("slot_mapping"), staging.region("kv_indices")
-        # Safe values for warm-up and capture: every row decodes into the padding slot and page 0.
-        for region in (slots,):
-            region.fill_(token_pool.padding_slot)
+        kv_indptr, last_len = staging.region("kv_indptr"), staging.region("kv_last_page_len")
+        batch_indices = staging.region("batch_indices")
+        # Safe values for warm-up and capture: every row decodes position 0 of the padding slot
+        # into page 0.
+        slots.fill_(token_pool.padding_slot)
         for region in (positions, slot_mapping, kv_indices):
             region.zero_()
+        last_len.fill_(1)
+        kv_indptr.copy_(torch.arange(kv_indptr.shape[0], dtype=torch.int32))
+        batch_indices.copy_(torch.arange(batch_indices.shape[0], dtype=torch.int32))
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, use_tensor_cores=cfg.num_heads // cfg.num_kv_heads >= 4,
@@ -79,6 +83,10 @@ class DecodeGraphs:
                 kv_indptr_cpu=torch.arange(bs + 1, dtype=torch.int32),
                 kv_indices=kv_indices[:bs],
                 kv_last_page_len_cpu=torch.ones(bs, dtype=torch.int32),
+                kv_indptr=kv_indptr[: bs + 1],
+                kv_last_page_len=last_len[:bs],
+                batch_indices=batch_indices[:bs],
+                positions=positions[:bs],
             )
             self._plan(wrapper, meta)
             backend = _GraphDecodeAttention(wrapper)

@@ -42,6 +42,7 @@ def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int, num_
     return {
         "token_slots": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
         "kv_indices": num_pages + max_seqs, "page_table": max_seqs * max_pages_per_seq,
+        "kv_indptr": max_seqs + 1, "kv_last_page_len": max_seqs, "batch_indices": max_tokens,
         "logits_indices": max_seqs, "sample_slots": max_seqs, "sample_positions": max_seqs,
     }
 
@@ -98,8 +99,10 @@ class ModelRunner:
         np.cumsum(pages_used, out=kv_indptr[1:])
         kv_indices = page_table[np.arange(page_table.shape[1])[None, :] < pages_used[:, None]]  # row-major: CSR
 
+        kv_last_page_len = kv_lens - (pages_used - 1) * page_size
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         staged = self.staging.stage({
+            "kv_indptr": kv_indptr, "kv_last_page_len": kv_last_page_len, "batch_indices": seq_of_token,
             "token_slots": slots[seq_of_token], "positions": positions, "slot_mapping": slot_mapping,
             "kv_indices": kv_indices, "page_table": page_table.reshape(-1),
             "logits_indices": np.arange(len(sampling)) if graph_bs else qsl[1:][sampling] - 1,
@@ -114,7 +117,11 @@ class ModelRunner:
             page_size=page_size,
             kv_indptr_cpu=torch.from_numpy(kv_indptr),
             kv_indices=staged["kv_indices"],
-            kv_last_page_len_cpu=torch.from_numpy((kv_lens - (pages_used - 1) * page_size).astype(np.int32)),
+            kv_last_page_len_cpu=torch.from_numpy(kv_last_page_len.astype(np.int32)),
+            kv_indptr=staged["kv_indptr"],
+            kv_last_page_len=staged["kv_last_page_len"],
+            batch_indices=staged["batch_indices"],
+            positions=staged["positions"],
         )
         return PreparedBatch(
             batch=batch,

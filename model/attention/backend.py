@@ -27,6 +27,11 @@ class AttentionMetadata:
     kv_indptr_cpu: torch.Tensor  # [B+1] int32
     kv_indices: torch.Tensor  # [nnz_pages] int32, device
     kv_last_page_len_cpu: torch.Tensor  # [B] int32
+    # Device copies for kernels that append KV in one launch (FlashInfer's append_paged_kv_cache).
+    kv_indptr: torch.Tensor  # [B+1] int32, device
+    kv_last_page_len: torch.Tensor  # [B] int32, device
+    batch_indices: torch.Tensor  # [T] int32, device: the sequence each query token belongs to
+    positions: torch.Tensor  # [T] int32, device
 
     @property
     def num_seqs(self) -> int:

@@ -15,9 +15,16 @@ from __future__ import annotations
 import torch
 
 from model.attention.backend import AttentionMetadata
-from model.attention.torch_paged import write_kv
 
 WORKSPACE_BYTES = 256 << 20
+
+
+def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """One kernel writes the step's keys and values into their pages (k/v may be strided views)."""
+    import flashinfer
+
+    flashinfer.append_paged_kv_cache(k, v, meta.batch_indices, meta.positions, kv_cache, meta.kv_indices,
+                                     meta.kv_indptr, meta.kv_last_page_len, kv_layout="NHD")
 
 
 class PlanFence:
@@ -70,7 +77,7 @@ class FlashInferAttention:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        append_kv(kv_cache, k, v, meta)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         split = int(meta.query_start_loc_cpu[nd])

@@ -1,0 +1,262 @@
+"""The aiohttp app: OpenAI routes, admission (backpressure, draining), health and metrics.
+
+``build_app(engine, settings)`` only builds the app; ``serve.py`` runs it next to the engine.
+Handlers raise ``ApiError`` for anything a client did wrong; one middleware renders it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from runtime.async_engine import AsyncEngine, EngineDeadError
+from runtime.outputs import RequestOutput
+from runtime.server.errors import ApiError, bad_request, from_validation_error
+from runtime.server.inputs import Plan, chat_plan, completion_plan
+from runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from runtime.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
+)
+from runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
+from runtime.server.streams import InFlight, run_choices, watch_engine
+
+log = structlog.get_logger("conveyor.server")
+
+Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx-style proxies not to buffer the stream
+}
+
+
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_waiting_requests: int = 1024  # queue bound for backpressure (429 past it)
+    max_request_body: int = 4 << 20  # bytes; a 128k-token prompt as JSON ids is under 1 MiB
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish before they are aborted
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_waiting_requests < 1:
+            raise ValueError("max_waiting_requests must be >= 1")
+        if self.max_request_body < 1:
+            raise ValueError("max_request_body must be >= 1")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
+
+
+class ServerState:
+    """What the handlers share: the engine, settings, metrics and the in-flight record."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = ServerMetrics(engine)
+        self.inflight = InFlight()
+        self.draining = False  # set by serve.py on SIGINT/SIGTERM: refuse new work, finish old
+        self.created = int(time.time())
+
+    def admit(self, plan: Plan) -> None:
+        """Let a plan's requests in, or refuse them; no await between the check and the record."""
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if self.draining:
+            raise ApiError(503, "The server is shutting down.", code="shutting_down", headers=retry)
+        if not self.engine.is_alive:
+            raise ApiError(503, "The engine is not running.", code="engine_dead", headers=retry)
+        waiting = max(self.engine.stats().num_waiting, len(self.inflight.unstarted))
+        if waiting >= self.settings.max_waiting_requests:
+            raise ApiError(429, f"Too many requests waiting ({waiting}); retry later.", code="queue_full",
+                           headers=retry)
+        self.inflight.admit([r.request_id for r in plan.requests])
+
+    def request_finished(self, out: RequestOutput) -> None:
+        self.metrics.observe_finished(out)
+        ttft = out.first_token_time - out.arrival_time if out.first_token_time is not None else None
+        e2e = out.finish_time - out.arrival_time if out.finish_time is not None else None
+        log.info("request finished", request_id=out.request_id, prompt_tokens=out.num_prompt_tokens,
+                 output_tokens=out.num_output_tokens, ttft_s=_round(ttft), e2e_s=_round(e2e),
+                 finish_reason=out.finish_reason, error=out.error)
+
+
+STATE = web.AppKey("conveyor_state", ServerState)
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> web.Application:
+    state = ServerState(engine, settings or ServerSettings())
+    # client_max_size makes aiohttp enforce the limit on bodies that arrive without a length.
+    app = web.Application(client_max_size=state.settings.max_request_body, middlewares=[_errors_middleware])
+    app[STATE] = state
+    app.cleanup_ctx.append(_engine_watchdog)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    task = asyncio.create_task(watch_engine(state.engine, state.inflight))
+    yield
+    task.cancel()
+
+
+# -- routes ---------------------------------------------------------------------------------
+async def _completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    plan = completion_plan(state.engine, await _read_body(request, CompletionRequest))
+    return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    plan = chat_plan(state.engine, await _read_body(request, ChatCompletionRequest))
+    return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card = ModelCard(id=state.engine.model_name, created=state.created, max_model_len=state.engine.core.max_model_len)
+    return _json(ModelList(data=[card]))
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.draining or not state.engine.is_alive:
+        # 503 while draining too: a load balancer should stop sending before the port closes.
+        raise ApiError(503, "shutting down" if state.draining else "engine is not running", code="unhealthy")
+    return web.Response(status=200)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- request plumbing -----------------------------------------------------------------------
+async def _read_body(request: web.Request, kind: type[Body]) -> Body:
+    limit = request.app[STATE].settings.max_request_body
+    too_large = ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # refuse before reading; aiohttp drains the rest in the background
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        raise too_large from None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as e:
+        raise from_validation_error(e) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise bad_request(None, f"The body is not valid JSON: {e}") from None
+
+
+async def _run(request: web.Request, plan: Plan, renderer: Renderer) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.admit(plan)
+    outputs = run_choices(state.engine, plan.requests, state.inflight, state.request_finished)
+    try:
+        if plan.stream:
+            return await _stream(request, plan, renderer, outputs)
+        return await _collect(renderer, outputs)
+    finally:
+        # run_choices lets go of its requests when it runs; this covers a stream that never started.
+        for req in plan.requests:
+            state.inflight.done(req.request_id)
+
+
+async def _collect(renderer: Renderer, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> web.Response:
+    try:
+        async with aclosing(outputs) as outs:
+            async for i, out in outs:
+                renderer.add(i, out)
+    except EngineDeadError as e:
+        raise ApiError(503, f"The engine stopped: {e}", code="engine_dead") from None
+    errors = [c.error or "engine error" for c in renderer.choices if c.finish_reason == "error"]
+    if errors:
+        raise ApiError(500, f"The engine failed the request: {errors[0]}", code="engine_error")
+    return _json(renderer.response())
+
+
+async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    try:
+        await resp.prepare(request)
+        for chunk in renderer.opening():
+            await resp.write(sse(chunk))
+        async with aclosing(outputs) as outs:
+            async for i, out in outs:
+                if out.finish_reason == "error":  # the OpenAI client raises on an "error" event
+                    await resp.write(_error_event(out.error or "engine error", "engine_error"))
+                if (chunk := renderer.chunk(i, out)) is not None:
+                    await resp.write(sse(chunk))
+        if plan.include_usage:
+            await resp.write(sse(renderer.usage_chunk()))
+        await resp.write(SSE_DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        # The client went away and aiohttp said so on a write (handler cancellation off);
+        # leaving the async-with above already closed run_choices, which aborted the requests.
+        log.info("client disconnected mid-stream", response_id=plan.response_id)
+    except asyncio.CancelledError:  # the same, told by cancelling this handler (serve.py's setting)
+        log.info("client disconnected mid-stream", response_id=plan.response_id)
+        raise
+    except Exception as e:  # headers are gone already: say it in the stream, then end it cleanly
+        if not resp.prepared:
+            raise
+        if isinstance(e, EngineDeadError):
+            event = _error_event(f"The engine stopped: {e}", "engine_dead")
+        else:
+            log.exception("stream failed", response_id=plan.response_id)
+            event = _error_event("Internal server error.", "internal_error")
+        try:
+            await resp.write(event)
+            await resp.write(SSE_DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+    return resp
+
+
+def _error_event(message: str, code: str) -> bytes:
+    return sse(ErrorResponse(error=ErrorBody(message=message, type="server_error", code=code)))
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = e.response()
+    except web.HTTPException as e:  # aiohttp's own: unknown route (404), wrong method (405), ...
+        if e.status < 400:
+            raise
+        resp = ApiError(e.status, e.reason, code=None, headers={k: v for k, v in e.headers.items()
+                                                                if k == "Allow"}).response()
+    except Exception:
+        log.exception("unhandled error in handler", path=request.path)
+        resp = ApiError(500, "Internal server error.", code="internal_error").response()
+    state.metrics.http_responses.labels(str(resp.status)).inc()
+    return resp
+
+
+def _json(body: msgspec.Struct) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)

@@ -1,0 +1,159 @@
+"""Wire request -> engine requests: defaults, field checks, tokenization and the fan-out of choices.
+
+Everything here runs before anything reaches the engine, so a bad field costs the engine
+nothing: either every choice's ``Request`` is built, or an ``ApiError`` names the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from runtime.async_engine import AsyncEngine
+from runtime.input_processor import Prompt
+from runtime.server.errors import ApiError, bad_request, from_invalid_request
+from runtime.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields
+from scheduler import InvalidRequestError, Request, SamplingParams
+
+MAX_CHOICES = 128  # prompts x n in one HTTP request; more is a batch job, not a request
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default (chat: up to the context)
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one HTTP request fans out to: one engine request per choice, prompt-major then n."""
+
+    response_id: str
+    requests: list[Request]
+    num_prompt_tokens: int  # each prompt counted once, however many choices share it
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def completion_plan(engine: AsyncEngine, body: CompletionRequest) -> Plan:
+    check_model(engine, body)
+    prompts = split_prompts(body.prompt)
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, renames={})
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    return _build_plan(engine, body, rid, params, [(p, None) for p in prompts], renames={}, logprobs=body.logprobs)
+
+
+def chat_plan(engine: AsyncEngine, body: ChatCompletionRequest) -> Plan:
+    check_model(engine, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs", "top_logprobs: needs logprobs set to true")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    renames = {"prompt": "messages", "max_tokens": max_field, "logprobs": "top_logprobs"}
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, renames=renames)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    return _build_plan(engine, body, rid, params, [(None, chat_messages(body.messages))], renames, logprobs)
+
+
+def check_model(engine: AsyncEngine, body: GenerationFields) -> None:
+    if body.model is not None and body.model != engine.model_name:
+        raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{engine.model_name}`.",
+                       param="model", code="model_not_found")
+
+
+def split_prompts(prompt: Any) -> list[Prompt]:
+    """OpenAI's four prompt shapes: "text", ["text", ...], [ids], [[ids], ...]."""
+    if prompt is None:
+        raise bad_request("prompt", "prompt: is required")
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt", "prompt: is empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        return list(prompt)
+    raise bad_request("prompt", "prompt: must be a string, a list of strings, a list of token ids "
+                      "or a list of token-id lists (not a mix)")
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Typed messages -> the dicts a chat template reads; text parts are joined, others refused."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role", f"messages[{i}].role: unknown role {m.role!r} "
+                              f"(expected one of {', '.join(sorted(CHAT_ROLES))})")
+        if isinstance(m.content, list):
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}]",
+                                      f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}")
+                texts.append(part.text)
+            content = "".join(texts)
+        else:
+            content = m.content or ""  # an assistant turn that only called tools has no content
+        # Templates written for OpenAI's older roles know "system", not "developer".
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def sampling_params(body: GenerationFields, *, max_tokens: int | None, logprobs: int | None,
+                    renames: dict[str, str]) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    given = {
+        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "min_p": body.min_p, "seed": body.seed, "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos, "include_stop_str_in_output": body.include_stop_str_in_output,
+        "skip_special_tokens": body.skip_special_tokens, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "logprobs": logprobs,
+    }
+    try:
+        return SamplingParams(stop=stop, **{k: v for k, v in given.items() if v is not None})
+    except InvalidRequestError as e:
+        raise from_invalid_request(e, renames) from None
+
+
+def _build_plan(engine: AsyncEngine, body: GenerationFields, rid: str, params: SamplingParams,
+             prompts: list[tuple[Prompt | None, list[dict[str, Any]] | None]], renames: dict[str, str],
+             logprobs: int | None) -> Plan:
+    n = 1 if body.n is None else body.n
+    if n < 1:
+        raise bad_request("n", f"n: must be at least 1, got {n}")
+    if n * len(prompts) > MAX_CHOICES:
+        raise bad_request("n", f"n: {n} choices for {len(prompts)} prompts exceeds {MAX_CHOICES}")
+    priority = body.priority or 0
+    requests: list[Request] = []
+    num_prompt_tokens = 0
+    try:
+        for p, (prompt, messages) in enumerate(prompts):
+            first = engine.make_request(prompt, _choice_params(params, 0), messages=messages,
+                                        request_id=f"{rid}-{p * n}", priority=priority, tenant=body.user)
+            requests.append(first)
+            num_prompt_tokens += first.num_prompt_tokens
+            # The other n-1 choices reuse the first one's token ids instead of tokenizing again.
+            for i in range(1, n):
+                requests.append(engine.make_request(
+                    first.prompt_token_ids, _choice_params(params, i), request_id=f"{rid}-{p * n + i}",
+                    priority=priority, tenant=body.user,
+                ))
+    except InvalidRequestError as e:
+        if len(prompts) > 1 and e.field == "prompt":
+            e = InvalidRequestError(f"prompt[{p}]", e.message)
+        raise from_invalid_request(e, renames) from None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Plan(rid, requests, num_prompt_tokens, bool(body.stream), include_usage, logprobs is not None)
+
+
+def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i samples with seed+i, so n seeded choices differ from each other yet replay exactly."""
+    if params.seed is None or i == 0:
+        return params
+    return msgspec.structs.replace(params, seed=params.seed + i)

@@ -1,0 +1,97 @@
+"""Run the app and the engine in one process, on one event loop, with a graceful shutdown.
+
+SIGINT/SIGTERM: stop accepting (close the listening socket, /health and new requests say 503),
+give running requests ``shutdown_timeout`` seconds to finish, abort what is left (their streams
+end with ``finish_reason: "abort"`` and ``[DONE]``), then stop the engine and return 0. A second
+signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+
+from runtime.async_engine import AsyncEngine
+from runtime.config import EngineConfig
+from runtime.server.app import STATE, ServerSettings, ServerState, build_app
+
+log = structlog.get_logger("conveyor.server")
+
+ABORT_GRACE_S = 5.0  # after aborting: time for handlers to write their last chunk
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    # handler_cancellation: aiohttp otherwise lets a handler run on after its client left, and a
+    # non-streaming request would hold its KV pages until it finished; cancelled, it aborts.
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=ABORT_GRACE_S,
+                         handle_signals=False)
+
+
+async def serve(config: EngineConfig, settings: ServerSettings) -> int:
+    signals = _SignalWatcher()  # before the model loads: a SIGTERM during a slow load still exits 0
+    engine = await AsyncEngine.create(config)
+    app = build_app(engine, settings)
+    state = app[STATE]
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await engine.shutdown()
+        raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}") from None
+
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"conveyor: serving {engine.model_name} on {url}", file=sys.stderr, flush=True)
+    log.info("serving", model=engine.model_name, host=settings.host, port=settings.port)
+    await signals.first.wait()
+
+    state.draining = True
+    await site.stop()  # stop accepting; requests already in flight keep their connections
+    await _drain(state, settings.shutdown_timeout, signals.second)
+    await runner.cleanup()
+    await engine.shutdown()
+    signals.remove()
+    log.info("server stopped")
+    return 0
+
+
+async def _drain(state: ServerState, timeout: float, hurry: asyncio.Event) -> None:
+    inflight = state.inflight
+    log.info("shutting down", in_flight=len(inflight.ids), timeout_s=timeout)
+    hurried = asyncio.create_task(hurry.wait())
+    idle = asyncio.create_task(inflight.wait_idle(timeout))
+    await asyncio.wait([idle, hurried], return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if inflight.ids:
+        log.warning("aborting requests still running at shutdown", count=len(inflight.ids))
+        for rid in list(inflight.ids):
+            await state.engine.abort(rid)
+        await inflight.wait_idle(ABORT_GRACE_S)
+    idle.cancel()
+
+
+class _SignalWatcher:
+    """First SIGINT/SIGTERM sets ``first`` (drain), the next sets ``second`` (stop waiting)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            loop.remove_signal_handler(sig)
