@@ -110,20 +110,29 @@ class HFOracle:
         return (lp.max(dim=-1).values - chosen).tolist()
 
 
-# A token within this many nats of HF's argmax is a bf16 near-tie, not a bug: a wrong gather, a
-# stale token or a broken kernel puts the chosen token tens of nats down.
-NEAR_TIE_NATS = 0.25
-
-
 def check_against(oracle: HFOracle, prompts, outputs, label: str) -> int:
-    """Every generated token must be HF's greedy choice or a near-tie; returns exact sequence matches."""
-    exact = 0
+    """Our greedy tokens must sit as close to HF's argmax as HF's own greedy decode does.
+
+    Teacher-forced, HF's single forward over prompt + tokens scores every token. HF's incremental
+    generate() already drifts from that by bf16 rounding (different kernels for the same math), so
+    that drift, measured here on the same prompts, is the noise floor; a wrong gather, a stale
+    token or a broken kernel puts tokens far beyond it.
+    """
+    ours, hf_own, exact, argmax_hits, total = [], [], 0, 0, 0
     for p, toks in zip(prompts, outputs):
-        worst = max(oracle.gaps(p, toks))
-        assert worst <= NEAR_TIE_NATS, f"{label}: a token {worst:.2f} nats below HF's argmax"
-        exact += toks == oracle.greedy(p, len(toks))
-    print(f"{label}: {exact}/{len(prompts)} sequences identical to HF greedy; all tokens within "
-          f"{NEAR_TIE_NATS} nats of HF's argmax")
+        ref = oracle.greedy(p, len(toks))
+        exact += toks == ref
+        g = oracle.gaps(p, toks)
+        ours += g
+        hf_own += oracle.gaps(p, ref)
+        argmax_hits += sum(x == 0 for x in g)
+        total += len(g)
+    floor = max(hf_own)
+    print(f"{label}: {exact}/{len(prompts)} sequences identical to HF greedy; {argmax_hits}/{total} tokens are "
+          f"HF's teacher-forced argmax; worst gap ours {max(ours):.3f} nats, HF's own {floor:.3f}; "
+          f"mean gap ours {sum(ours) / total:.4f}, HF's own {sum(hf_own) / len(hf_own):.4f}")
+    assert max(ours) <= 2 * floor + 0.25, f"{label}: a token {max(ours):.2f} nats below HF's argmax"
+    assert sum(ours) / total <= 2 * sum(hf_own) / len(hf_own) + 0.01
     return exact
 
 
