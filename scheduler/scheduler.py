@@ -85,7 +85,8 @@ class Scheduler:
                 budget -= n
 
         # No admissions in a step that had to preempt: memory is short already.
-        while not preempted and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+        # Slots, not len(running), bound admission: a finished request still draining holds its slot.
+        while not preempted and budget > 0 and self.slots.num_free > 0:
             req = self.policy.peek()
             if req is None or not self.kv.can_admit(req.num_tokens, req.remaining_new_tokens):
                 break

@@ -95,3 +95,17 @@ def test_abort_of_a_waiting_request_leaves_nothing_behind():
     assert not s.has_work() and not s.kv.holds("a")
     s.check_integrity()
     assert s.kv.num_free_pages == 64
+
+
+def test_a_draining_request_keeps_its_slot_until_its_batch_is_done():
+    s = make(max_seqs=1)
+    a, b = req("a", 2, max_new=8, t=0), req("b", 2, t=1)
+    s.add(a)
+    s.add(b)
+    first = s.schedule()
+    s.finish(a, FinishReason.ABORT)  # found after `first` launched: a still holds slot and pages
+    assert s.schedule() is None  # b must wait: the only slot is a's until `first` is processed
+    s.batch_done(first)
+    second = s.schedule()
+    assert [q.request.request_id for q in second.seqs] == ["b"]
+    s.check_integrity()
