@@ -12,7 +12,7 @@ import torch
 
 from memory import KVPool, PinnedStaging, TokenPool
 from model.attention import AttentionMetadata
-from model.attention.flashinfer_backend import PlanFence, append_kv
+from model.attention.flashinfer_backend import PlanFence, append_kv, decode_uses_tensor_cores
 from model.decoder import DecoderModel
 
 
@@ -67,7 +67,7 @@ class DecodeGraphs:
         batch_indices.copy_(torch.arange(batch_indices.shape[0], dtype=torch.int32))
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=cfg.num_heads // cfg.num_kv_heads >= 4,
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=decode_uses_tensor_cores(cfg.num_heads, cfg.num_kv_heads),
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
                 paged_kv_indices_buffer=torch.zeros(kv_indices.shape[0], dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device),

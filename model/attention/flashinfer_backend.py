@@ -12,11 +12,20 @@ since the device is at most a batch or two behind.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from model.attention.backend import AttentionMetadata
 
 WORKSPACE_BYTES = 256 << 20
+
+
+def decode_uses_tensor_cores(num_heads: int, num_kv_heads: int) -> bool:
+    """Tensor-core decode pays off once a KV head serves several query heads (GQA group >= 4);
+    CONVEYOR_DECODE_TENSOR_CORES=0/1 overrides, for measuring."""
+    forced = os.environ.get("CONVEYOR_DECODE_TENSOR_CORES")
+    return forced == "1" if forced in ("0", "1") else num_heads // num_kv_heads >= 4
 
 
 def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -50,9 +59,8 @@ class FlashInferAttention:
         self.num_heads, self.num_kv_heads, self.head_dim, self.page_size = num_heads, num_kv_heads, head_dim, page_size
         self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
                                                                              device=device)
-        # Tensor-core decode pays off once a KV head serves several query heads (GQA group >= 4).
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_heads // num_kv_heads >= 4, backend="fa2")
+            self.workspace, "NHD", use_tensor_cores=decode_uses_tensor_cores(num_heads, num_kv_heads), backend="fa2")
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
         self._decode_fence, self._prefill_fence = PlanFence(), PlanFence()
         self._meta: AttentionMetadata | None = None
