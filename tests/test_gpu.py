@@ -137,8 +137,34 @@ def check_against(oracle: HFOracle, prompts, outputs, label: str) -> int:
 
 
 @pytest.mark.parametrize("preset_name", ["qwen3-0.6b", "smollm2-135m"])
-def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(preset_name, tmp_path):
+def test_prefill_logits_are_as_accurate_as_transformers_bf16(preset_name, tmp_path):
+    """Against an fp32 forward of the same weights, our bf16 FlashInfer path must be about as close
+    as transformers' own bf16 forward is (measured: smollm2 1.07 vs HF 1.09, qwen3 0.60 vs 0.73)."""
+    from transformers import AutoModelForCausalLM
+
     oracle = HFOracle(preset_name, tmp_path / preset_name)
+    prompt = torch.randint(3, 30000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        hf_bf16 = oracle.model(ids).logits[0, -1].float()
+        fp32 = AutoModelForCausalLM.from_pretrained(oracle.dir, dtype=torch.float32).cuda().eval()
+        truth = fp32(ids).logits[0, -1].float()
+        del fp32
+    llm = LLM(oracle.dir, max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3)
+    captured: list[torch.Tensor] = []
+    compute = llm.core.model.compute_logits
+    llm.core.model.compute_logits = lambda h: captured.append(compute(h)) or captured[-1]
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    ours = captured[0][-1].float()
+    err_ours, err_hf = (ours - truth).abs().max().item(), (hf_bf16 - truth).abs().max().item()
+    print(f"{preset_name}: max |logit - fp32| ours {err_ours:.3f}, transformers bf16 {err_hf:.3f}")
+    assert err_ours <= 1.25 * err_hf + 0.05
+    assert ours.argmax() == truth.argmax()
+    llm.close()
+
+
+def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(tmp_path):
+    oracle = HFOracle("qwen3-0.6b", tmp_path / "qwen3")
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 30000) for _ in range(rng.randint(4, 300))] for _ in range(16)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -150,12 +176,8 @@ def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(preset_name, tm
         llm.close()
         del llm
         torch.cuda.empty_cache()
-    # The first token comes from the same prefill either way, and from HF's own distribution.
-    assert [r[0] for r in results[False]] == [r[0] for r in results[True]]
-    for eager, outs in results.items():
-        check_against(oracle, prompts, outs, f"{preset_name} {'eager' if eager else 'cuda graphs'}")
-    same = sum(a == b for a, b in zip(results[False], results[True]))
-    print(f"{preset_name}: graphs vs eager identical for {same}/16 sequences")
+    assert results[False] == results[True], "CUDA-graph decode and eager decode disagree"
+    check_against(oracle, prompts, results[False], "qwen3-0.6b")
 
 
 def test_depths_agree_on_gpu_with_poison_and_sync_debug(monkeypatch, tmp_path):
