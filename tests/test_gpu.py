@@ -94,12 +94,17 @@ class HFOracle:
         hf.save_pretrained(str(directory))
         self.dir = str(directory)
         self.model = hf.cuda().eval()
+        self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
     @torch.no_grad()
     def greedy(self, prompt: list[int], n: int) -> list[int]:
+        key = (tuple(prompt), n)
+        if key in self._greedy:  # the same prompt is checked against several engine runs
+            return self._greedy[key]
         ids = self.model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
-        return ids[0, len(prompt):].tolist()
+        self._greedy[key] = ids[0, len(prompt):].tolist()
+        return self._greedy[key]
 
     @torch.no_grad()
     def gaps(self, prompt: list[int], tokens: list[int]) -> list[float]:
