@@ -126,8 +126,10 @@ class AsyncEngine:
 
     async def submit(self, req: Request) -> AsyncIterator[RequestOutput]:
         """Stream an already validated request (see ``make_request``)."""
-        if not self.is_alive:
+        if self._thread is None:
             self.start()
+        elif not self._thread.is_alive():
+            raise EngineDeadError("the engine thread is not running")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[req.request_id] = stream
         self._commands.put(("add", req))
@@ -161,6 +163,19 @@ class AsyncEngine:
 
     # -- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve_commands()
+        except Exception as e:  # a bug in the engine itself: no stream may wait forever
+            log.exception("engine thread died")
+            dead = EngineDeadError(f"the engine stopped: {e!r}")
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_streams, dead)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+    def _serve_commands(self) -> None:
         core = self.core
         while True:
             if not core.has_work():

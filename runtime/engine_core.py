@@ -62,6 +62,7 @@ class _InFlight(NamedTuple):
     schedule: tuple[float, float]
     prepare: tuple[float, float]
     launch: tuple[float, float]
+    busy: bool  # work was under way when this batch was scheduled
 
 
 class _SyncDebug:
@@ -80,6 +81,13 @@ class EngineStats(NamedTuple):
     num_waiting: int
     kv_usage: float  # fraction of KV pages owned by requests
     num_preemptions: int  # since start
+    device_busy_s: float  # since start: the device (or CPU worker) ran batches
+    device_idle_s: float  # since start: idle between two batches while work was queued
+
+    @property
+    def device_idle_fraction(self) -> float:
+        total = self.device_busy_s + self.device_idle_s
+        return self.device_idle_s / total if total else 0.0
 
 
 class EngineCore:
@@ -145,6 +153,8 @@ class EngineCore:
         )
         self._in_flight: deque[_InFlight] = deque()
         self._last_device_end = 0.0
+        self._device_busy_s = 0.0
+        self._device_idle_s = 0.0
         self._debug_sync = self.device.type == "cuda" and os.environ.get("CONVEYOR_DEBUG_SYNC") == "1"
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -228,6 +238,8 @@ class EngineCore:
             num_waiting=sched.num_waiting,
             kv_usage=sched.kv.usage,
             num_preemptions=sched.num_preemptions,
+            device_busy_s=self._device_busy_s,
+            device_idle_s=self._device_idle_s,
         )
 
     def has_work(self) -> bool:
@@ -243,6 +255,9 @@ class EngineCore:
         """
         clock = time.perf_counter
         t0 = clock()
+        # Work was already under way (not a new request waking an idle engine): a device gap
+        # before this batch is the pipeline's fault, and counts as idle.
+        busy = bool(self._in_flight) or bool(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch is not None:
             t1 = clock()
@@ -250,7 +265,7 @@ class EngineCore:
                 prepared = self.runner.prepare(batch)
                 t2 = clock()
                 launched = self.executor.launch(prepared)
-            self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock())))
+            self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
         if not self._in_flight or (batch is not None and len(self._in_flight) < self.pipeline_depth):
             return []
         done = self._in_flight.popleft()
@@ -259,8 +274,12 @@ class EngineCore:
         t4 = clock()
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
+        idle = 0.0
+        if self._last_device_end and done.busy:
+            idle = max(0.0, result.device_start - self._last_device_end)
+        self._device_busy_s += result.device_end - result.device_start
+        self._device_idle_s += idle
         if self.step_records is not None:
-            idle = max(0.0, result.device_start - self._last_device_end) if self._last_device_end else 0.0
             self.step_records.append(StepRecord.of(
                 done.batch, schedule=done.schedule, prepare=done.prepare, launch=done.launch, wait=(t3, t4),
                 process=(t4, clock()), device=(result.device_start, result.device_end), device_idle_before=idle,

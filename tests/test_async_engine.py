@@ -136,3 +136,23 @@ def test_unknown_model_and_corrupt_weights_raise_typed_errors(tmp_path, tiny_lla
     bad_gguf.write_bytes(b"GGUF not really")
     with pytest.raises(WeightsError, match="bad.gguf"):
         AsyncEngine(EngineConfig(model=str(bad_gguf)))
+
+
+async def test_engine_thread_death_fails_open_streams(tiny_chat_dir, monkeypatch):
+    from runtime.async_engine import EngineDeadError
+
+    eng = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=256))
+
+    def broken_drain(block: bool) -> bool:  # not a step failure (those are survived): the loop itself
+        raise RuntimeError("boom")
+
+    agen = eng.generate("hello", SamplingParams(max_tokens=10_000 // 50, ignore_eos=True))
+    await agen.__anext__()  # the request is running
+    monkeypatch.setattr(eng, "_drain", broken_drain)
+    with pytest.raises(EngineDeadError):
+        async for _ in agen:
+            pass
+    assert not eng.is_alive
+    with pytest.raises(EngineDeadError):  # and a new request is refused at once, not left hanging
+        async for _ in eng.generate("again", SamplingParams(max_tokens=2)):
+            pass

@@ -93,3 +93,29 @@ def test_logprobs_zero_gives_only_the_sampled_token(tiny_llama_dir):
     llm.core.add_request(req)
     outs = [o for _ in range(10) for o in llm.core.step()]
     assert all(o.logprobs and o.logprobs[0].top == [] and o.logprobs[0].logprob <= 0 for o in outs)
+
+
+def test_penalties_and_logprobs_agree_across_pipeline_depths(tiny_chat_dir):
+    """Penalties read the token pool on the device, so batch N+1 sees batch N's token even though
+    the host has not: depth 2 must give exactly what depth 1 gives."""
+    prompts = ["la la la", "one two three", "the the the the"]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=1.0, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=1.5,
+                             repetition_penalty=1.3, logprobs=0),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=24, ignore_eos=True, repetition_penalty=1.5)]
+    runs = {}
+    for depth in (1, 2):
+        llm = LLM(str(tiny_chat_dir), pipeline_depth=depth)
+        core = llm.core
+        reqs = [core.inputs.make_request(core.inputs.token_ids(p), sp) for p, sp in zip(prompts, params)]
+        streams: dict[str, list] = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            core.add_request(r)
+        while core.has_work():
+            for out in core.step():
+                streams[out.request_id].append(out)
+        runs[depth] = [[(o.token_ids, o.logprobs) for o in streams[r.request_id]] for r in reqs]
+        core.check_integrity()
+        llm.close()
+    assert runs[1] == runs[2]
+    assert runs[1][0][0][1] is not None and len(runs[1][0][0][1][0].top) == 2

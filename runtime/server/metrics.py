@@ -35,6 +35,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("conveyor:kv_cache_usage_perc", "Fraction of KV pages owned by requests (0-1).",
                                 stats.kv_usage)
         yield CounterMetricFamily("conveyor:num_preemptions", "Requests preempted since start.", stats.num_preemptions)
+        yield CounterMetricFamily("conveyor:device_busy_seconds", "Time the device ran batches.", stats.device_busy_s)
+        yield CounterMetricFamily("conveyor:device_idle_seconds",
+                                  "Time the device sat idle between consecutive batches (the overlap gap).",
+                                  stats.device_idle_s)
         yield GaugeMetricFamily("conveyor:engine_alive", "1 while the engine loop runs.", int(self.engine.is_alive))
 
 
