@@ -90,19 +90,22 @@ class DecodeGraphs:
             )
             self._plan(wrapper, meta)
             backend = _GraphDecodeAttention(wrapper)
-
-            def forward() -> torch.Tensor:
-                ids = token_pool.gather(slots[:bs], positions[:bs])
-                hidden = model(ids, positions[:bs], kv_pool.data, backend, meta)
-                return model.compute_logits(hidden)
-
-            forward()  # warm-up outside capture: loads modules, fills FlashInfer's cached buffers
+            inputs = (token_pool, kv_pool, slots[:bs], positions[:bs], backend, meta)
+            self._forward(model, *inputs)  # warm-up outside capture: loads modules, fills cached buffers
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = forward()
+                logits = self._forward(model, *inputs)
             self._graphs[bs] = _Graph(graph, wrapper, logits, list(wrapper._plan_info))
         torch.cuda.synchronize()
+
+    @staticmethod
+    def _forward(model: DecoderModel, token_pool: TokenPool, kv_pool: KVPool, slots: torch.Tensor,
+                 positions: torch.Tensor, backend: _GraphDecodeAttention, meta: AttentionMetadata) -> torch.Tensor:
+        """What a decode graph holds: gather input ids from the token pool, the forward, the logits."""
+        ids = token_pool.gather(slots, positions)
+        hidden = model(ids, positions, kv_pool.data, backend, meta)  # type: ignore[arg-type]
+        return model.compute_logits(hidden)
 
     def batch_size_for(self, n: int) -> int | None:
         for bs in self.sizes:
