@@ -165,12 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     add_server_args(serve)
     add_engine_args(serve)
+
+    # The load generator has its own parser: prefix "+" makes this one pass every "--flag" through.
+    loadgen = sub.add_parser("loadgen", help="streaming load against an OpenAI-compatible server (see loadgen -h)",
+                             add_help=False, prefix_chars="+")
+    loadgen.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
+    if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
+        from runtime.loadgen import main as loadgen_main
+
+        return loadgen_main(args.args)
     try:
         import uvloop
 

@@ -152,6 +152,8 @@ async def test_engine_thread_death_fails_open_streams(tiny_chat_dir, monkeypatch
     with pytest.raises(EngineDeadError):
         async for _ in agen:
             pass
+    # The streams are failed before the thread returns; wait for it to end (bounded).
+    await asyncio.to_thread(eng._thread.join, 10)
     assert not eng.is_alive
     with pytest.raises(EngineDeadError):  # and a new request is refused at once, not left hanging
         async for _ in eng.generate("again", SamplingParams(max_tokens=2)):

@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""Load generator for OpenAI-compatible servers; the same as ``conveyor loadgen`` (see --help)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runtime.loadgen import main  # noqa: E402
+
+sys.exit(main())
