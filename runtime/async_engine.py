@@ -23,6 +23,7 @@ from scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
 log = structlog.get_logger("conveyor.engine")
 
 _STOP = object()
+STALL_POLL_S = 0.002
 
 
 class EngineDeadError(RuntimeError):
@@ -180,7 +181,9 @@ class AsyncEngine:
         while True:
             if not core.has_work():
                 self._release_idle_waiters()
-            if not self._drain(block=not core.has_work()):
+            # A stalled step (the policy holds requests back, e.g. a static batch filling up) waits
+            # briefly for a command instead of spinning the engine thread.
+            if not self._drain(block=not core.has_work(), timeout=STALL_POLL_S if core.stalled else None):
                 return
             if not core.has_work():
                 continue
@@ -196,11 +199,14 @@ class AsyncEngine:
             if outputs:
                 self._emit(outputs)
 
-    def _drain(self, block: bool) -> bool:
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Apply queued commands; False once asked to stop."""
         outputs: list[RequestOutput] = []
         try:
-            cmd = self._commands.get() if block else self._commands.get_nowait()
+            if block or timeout is not None:
+                cmd = self._commands.get(timeout=None if block else timeout)
+            else:
+                cmd = self._commands.get_nowait()
             while True:
                 if cmd is _STOP:
                     for rid in list(self.core.scheduler.requests):

@@ -23,7 +23,13 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
-    schedule_policy: str = "fcfs"
+    schedule_policy: str = "fcfs"  # fcfs | fifo | static | priority | sjf | srtf | fair | round-robin | adaptive
+    # Aging: per this many seconds since arrival, one priority level more urgent (priority), or
+    # the predicted length halved (sjf/srtf), so that nothing starves.
+    priority_aging_s: float = 30.0
+    static_batch_size: int = 8  # static: requests per fixed batch
+    static_batch_timeout: float = 0.5  # static: seconds the oldest waits before a partial batch starts
+    round_robin_time_slice: int = 8  # round-robin: steps a tenant's queue keeps its turn
     reservation: str = "dynamic"  # conservative | dynamic
     reservation_beta: float = 0.3  # dynamic: share of max_tokens that must fit at admission
     enforce_eager: bool = False  # CUDA: no decode graphs
@@ -41,6 +47,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.pipeline_depth not in (1, 2, 3):
             raise ConfigError(f"pipeline_depth must be 1, 2 or 3, got {self.pipeline_depth}")
+        if self.static_batch_size < 1 or self.round_robin_time_slice < 1:
+            raise ConfigError("static_batch_size and round_robin_time_slice must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

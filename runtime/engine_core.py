@@ -132,7 +132,12 @@ class EngineCore:
             max_model_len=max_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
-        self.scheduler = Scheduler(limits, make_policy(config.schedule_policy), kv)
+        policy = make_policy(
+            config.schedule_policy, priority_aging_s=config.priority_aging_s,
+            static_batch_size=config.static_batch_size, static_batch_timeout=config.static_batch_timeout,
+            round_robin_time_slice=config.round_robin_time_slice,
+        )
+        self.scheduler = Scheduler(limits, policy, kv)
         poison = os.environ.get("CONVEYOR_DEBUG_POISON") == "1"
         self.token_pool = TokenPool(config.max_num_seqs, max_len, self.device, poison=poison)
         staging = PinnedStaging(
@@ -152,6 +157,7 @@ class EngineCore:
             if self.device.type == "cuda" else CpuExecutor(self.runner)
         )
         self._in_flight: deque[_InFlight] = deque()
+        self.stalled = False
         self._last_device_end = 0.0
         self._device_busy_s = 0.0
         self._device_idle_s = 0.0
@@ -266,6 +272,9 @@ class EngineCore:
                 t2 = clock()
                 launched = self.executor.launch(prepared)
             self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+        # Nothing launched and nothing in flight while requests exist: the policy is holding them
+        # back on purpose (a static batch filling up). The caller should wait, not spin.
+        self.stalled = batch is None and not self._in_flight
         if not self._in_flight or (batch is not None and len(self._in_flight) < self.pipeline_depth):
             return []
         done = self._in_flight.popleft()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from runtime.async_engine import STALL_POLL_S
 
 from runtime.config import EngineConfig
 from runtime.engine_core import EngineCore
@@ -60,6 +63,8 @@ class LLM:
                 for out in self.core.step():
                     texts[out.request_id].append(out.text)
                     bar.update(out.finished)
+                if self.core.stalled:  # the policy holds requests back (a static batch filling up)
+                    time.sleep(STALL_POLL_S)
         return [
             Completion(
                 request_id=r.request_id,

@@ -1,12 +1,14 @@
 """Scheduling policies: the order of the waiting queue, the order of running requests, and victims.
 
 The scheduler asks; the policy decides. Policies are pure Python and know nothing of memory.
+This module holds the protocol and FCFS; every other policy has a file in ``scheduler/policies/``.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from scheduler.request import Request
 
@@ -40,6 +42,17 @@ class SchedulingPolicy(Protocol):
 
     def victim(self, candidates: list[Request]) -> Request:
         """Which of ``candidates`` to preempt when memory runs out."""
+        ...
+
+    def preempt_for_waiting(self, running: list[Request]) -> list[Request]:
+        """Running requests to preempt now so more urgent waiting ones get their slots.
+
+        Asked only when every slot is taken and something waits; most policies name none.
+        """
+        ...
+
+    def on_finish(self, request: Request) -> None:
+        """``request`` left for good (stop, length, abort), whether it was running or waiting."""
         ...
 
 
@@ -79,8 +92,16 @@ class FCFSPolicy:
     def victim(self, candidates: list[Request]) -> Request:
         return max(candidates, key=lambda r: r.arrival_time)
 
+    def preempt_for_waiting(self, running: list[Request]) -> list[Request]:
+        return []  # arrival order: nothing that waits outranks what already runs
 
-def make_policy(name: str) -> SchedulingPolicy:
-    if name == "fcfs":
-        return FCFSPolicy()
-    raise ValueError(f"unknown schedule policy {name!r}: expected one of fcfs")
+    def on_finish(self, request: Request) -> None:
+        pass
+
+
+def make_policy(name: str, **options: object) -> SchedulingPolicy:
+    """The policy called ``name``; ``options`` are its knobs (see ``scheduler.policies.build``)."""
+    # Imported here: the policies import this module for FCFSPolicy.
+    from scheduler.policies import build
+
+    return build(name, **options)

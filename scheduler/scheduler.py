@@ -5,7 +5,8 @@ Ownership of slots and pages is decided here: a request gets a token-pool slot a
 pages at admission and grows pages as it advances. It gives both back
 - at finish (stop, length, abort): only once no launched batch holding it is still unprocessed
   (``batch_done``), so a batch in flight never reads a page or slot that has a new owner;
-- at preemption: at once, because memory is needed now. That is safe because every device
+- at preemption (the pool ran dry, or the policy gave its slot to a more urgent waiter): at
+  once, because memory or the slot is needed now. That is safe because every device
   access to pages, slots and the token pool is a kernel on the one compute stream (or, on the
   CPU, the one executor thread), and the new owner's accesses come from batches launched later.
   The preempted request's in-flight samples are dropped by epoch.
@@ -65,6 +66,18 @@ class Scheduler:
         preempted: list[Request] = []
         writes: list[PoolWrite] = []
 
+        # Policy-driven preemption (priority, srtf): when every slot is taken, the policy may name
+        # running requests to give up their slots to more urgent waiting ones. It happens before
+        # the budget is handed out, so a request is never both in this batch and preempted. FCFS
+        # names none. These preemptions do not block admission below: freeing slots for
+        # admission is their whole point, and memory was not short.
+        evicted: list[Request] = []
+        if self.slots.num_free == 0 and self.policy.num_waiting() > 0:
+            for victim in self.policy.preempt_for_waiting(list(self.running)):
+                if victim.status is RequestStatus.RUNNING:
+                    self._preempt(victim)
+                    evicted.append(victim)
+
         for req in self.policy.order_running(self.running):
             if budget == 0:
                 break
@@ -103,7 +116,7 @@ class Scheduler:
 
         if not picked:
             return None
-        return self._launch(picked, writes, preempted)
+        return self._launch(picked, writes, evicted + preempted)
 
     def _tokens_to_run(self, req: Request, budget: int) -> int:
         pending = req.num_tokens - req.num_computed_tokens
@@ -175,6 +188,7 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         del self.requests[req.request_id]
+        self.policy.on_finish(req)  # predictors learn lengths; fifo/static/fair release their hold
 
     def batch_done(self, batch: ScheduledBatch) -> None:
         """The batch's outputs are processed: nothing in flight reads its requests through it any more."""

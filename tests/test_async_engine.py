@@ -143,7 +143,7 @@ async def test_engine_thread_death_fails_open_streams(tiny_chat_dir, monkeypatch
 
     eng = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=256))
 
-    def broken_drain(block: bool) -> bool:  # not a step failure (those are survived): the loop itself
+    def broken_drain(block: bool, timeout: float | None = None) -> bool:  # not a step failure (those are survived): the loop itself
         raise RuntimeError("boom")
 
     agen = eng.generate("hello", SamplingParams(max_tokens=10_000 // 50, ignore_eos=True))

@@ -1,0 +1,50 @@
+"""Selectable scheduling policies (``--schedule-policy``), one small file each, pure Python."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from scheduler.length_predictor import LengthPredictor
+from scheduler.policies.adaptive import AdaptivePolicy
+from scheduler.policies.fair import FairSharePolicy
+from scheduler.policies.fifo import FIFOPolicy
+from scheduler.policies.priority import PriorityPolicy
+from scheduler.policies.round_robin import RoundRobinPolicy
+from scheduler.policies.sjf import SJFPolicy, SRTFPolicy
+from scheduler.policies.static import StaticBatchPolicy
+from scheduler.policy import FCFSPolicy, SchedulingPolicy
+
+POLICY_NAMES = ("fcfs", "fifo", "static", "priority", "sjf", "srtf", "fair", "round-robin", "adaptive")
+
+
+def build(name: str, *, priority_aging_s: float = 30.0, static_batch_size: int = 8,
+          static_batch_timeout: float = 0.5, round_robin_time_slice: int = 8,
+          tenant_weights: Mapping[str, float] | None = None,
+          predictor: LengthPredictor | None = None, clock: Callable[[], float] = time.monotonic) -> SchedulingPolicy:
+    """The policy called ``name`` with its knobs; ``clock`` is injectable so tests simulate time."""
+    if name == "fcfs":
+        return FCFSPolicy()
+    if name == "fifo":
+        return FIFOPolicy()
+    if name == "static":
+        return StaticBatchPolicy(static_batch_size, static_batch_timeout, clock)
+    if name == "priority":
+        return PriorityPolicy(priority_aging_s, clock)
+    if name == "sjf":
+        return SJFPolicy(predictor, priority_aging_s, clock)
+    if name == "srtf":
+        return SRTFPolicy(predictor, priority_aging_s, clock)
+    if name == "fair":
+        return FairSharePolicy(tenant_weights=tenant_weights)
+    if name == "round-robin":
+        return RoundRobinPolicy(round_robin_time_slice)
+    if name == "adaptive":
+        return AdaptivePolicy(priority_aging_s, clock)
+    raise ValueError(f"unknown schedule policy {name!r}: expected one of {', '.join(POLICY_NAMES)}")
+
+
+__all__ = [
+    "POLICY_NAMES", "AdaptivePolicy", "FIFOPolicy", "FairSharePolicy", "PriorityPolicy", "RoundRobinPolicy",
+    "SJFPolicy", "SRTFPolicy", "StaticBatchPolicy", "build",
+]
