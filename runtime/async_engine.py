@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 import structlog
 
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineStats
+from runtime.engine_core import STALL_POLL_S, EngineCore, EngineStats
 from runtime.input_processor import Prompt
 from runtime.outputs import RequestOutput
 from scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
@@ -23,7 +23,6 @@ from scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
 log = structlog.get_logger("conveyor.engine")
 
 _STOP = object()
-STALL_POLL_S = 0.002
 
 
 class EngineDeadError(RuntimeError):

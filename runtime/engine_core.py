@@ -44,6 +44,7 @@ log = structlog.get_logger("conveyor.engine")
 
 CPU_KV_CACHE_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
+STALL_POLL_S = 0.002  # how long a caller waits after a step the policy stalled on purpose
 
 
 def _logprobs(lp: tuple[list[float], list[list[int]], list[list[float]]] | None) -> list[SampleLogprobs] | None:

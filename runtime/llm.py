@@ -7,10 +7,9 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from runtime.async_engine import STALL_POLL_S
 
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore
+from runtime.engine_core import STALL_POLL_S, EngineCore
 from runtime.input_processor import Prompt
 from runtime.outputs import Completion
 from scheduler import SamplingParams
