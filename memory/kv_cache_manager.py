@@ -39,10 +39,6 @@ class KVCacheManager:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.total_pages * self.page_size
-
     # -- lifecycle ------------------------------------------------------------------------
     def can_admit(self, num_tokens: int, max_new_tokens: int) -> bool:
         need = self.pages_for(self.reservation.admission_tokens(num_tokens, max_new_tokens))

@@ -62,6 +62,3 @@ class KVPool:
     @property
     def usable_pages(self) -> int:
         return self.num_pages - self.RESERVED_PAGES
-
-    def layer(self, i: int) -> torch.Tensor:
-        return self.data[i]

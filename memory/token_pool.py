@@ -42,7 +42,3 @@ class TokenPool:
 
     def scatter(self, slots: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> None:
         self.ids[slots, positions] = token_ids.to(torch.int32)
-
-    def clear(self, slot: int) -> None:
-        if self.poison:
-            self.ids[slot].fill_(POISON)

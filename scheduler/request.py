@@ -69,10 +69,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
     def known_token_ids(self) -> list[int]:
         """Every token whose value the host knows: what a recompute after preemption replays."""
         return self.prompt_token_ids + self.output_token_ids
