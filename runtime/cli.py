@@ -170,16 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     loadgen = sub.add_parser("loadgen", help="streaming load against an OpenAI-compatible server (see loadgen -h)",
                              add_help=False, prefix_chars="+")
     loadgen.add_argument("args", nargs=argparse.REMAINDER)
+    compare = sub.add_parser("compare", help="fifo vs static vs continuous batching, overlap off and on (see compare -h)",
+                             add_help=False, prefix_chars="+")
+    compare.add_argument("args", nargs=argparse.REMAINDER)
+    simulate = sub.add_parser("simulate", help="compare scheduling policies with simulated time (see simulate -h)",
+                              add_help=False, prefix_chars="+")
+    simulate.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
+    # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
         from runtime.loadgen import main as loadgen_main
 
         return loadgen_main(args.args)
+    if args.command == "compare":
+        from runtime.compare import main as compare_main
+
+        return compare_main(args.args)
+    if args.command == "simulate":
+        from runtime.simulator import main as simulate_main
+
+        return simulate_main(args.args)
     try:
         import uvloop
 

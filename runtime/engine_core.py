@@ -84,6 +84,7 @@ class EngineStats(NamedTuple):
     num_preemptions: int  # since start
     device_busy_s: float  # since start: the device (or CPU worker) ran batches
     device_idle_s: float  # since start: idle between two batches while work was queued
+    policy_metrics: dict[str, float]  # the scheduling policy's own numbers (e.g. predictor tau)
 
     @property
     def device_idle_fraction(self) -> float:
@@ -247,6 +248,7 @@ class EngineCore:
             num_preemptions=sched.num_preemptions,
             device_busy_s=self._device_busy_s,
             device_idle_s=self._device_idle_s,
+            policy_metrics=sched.policy.metrics(),
         )
 
     def has_work(self) -> bool:

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from scheduler.request import Request
+
+
+class SchedulerLoad(NamedTuple):
+    """What the scheduler sees of the load at the start of a step; policies may adapt to it."""
+
+    now: float  # the scheduler clock (time.monotonic unless a simulator injects one)
+    num_waiting: int
+    num_running: int
+    kv_usage: float  # fraction of KV pages held by requests, 0-1
+    free_slots: int
 
 
 class SchedulingPolicy(Protocol):
@@ -55,8 +65,15 @@ class SchedulingPolicy(Protocol):
         """``request`` left for good (stop, length, abort), whether it was running or waiting."""
         ...
 
+    def observe(self, load: SchedulerLoad) -> None:
+        """Called once per step before anything else; most policies ignore it."""
 
-class FCFSPolicy:
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth exporting (e.g. a predictor's Kendall tau), keyed by a metric-name suffix."""
+        return {}
+
+
+class FCFSPolicy(SchedulingPolicy):
     """First come, first served: arrival order everywhere; the latest arrival is preempted first."""
 
     name = "fcfs"

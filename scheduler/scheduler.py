@@ -16,11 +16,13 @@ The scheduler never reads a sampled token's value: lengths are enough.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memory import IndexAllocator, KVCacheManager
 from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
-from scheduler.policy import SchedulingPolicy
+from scheduler.policy import SchedulerLoad, SchedulingPolicy
 from scheduler.request import FinishReason, Request, RequestStatus
 
 
@@ -33,8 +35,10 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, policy: SchedulingPolicy, kv: KVCacheManager) -> None:
+    def __init__(self, limits: SchedulerLimits, policy: SchedulingPolicy, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        self.clock = clock
         self.policy = policy
         self.kv = kv
         self.slots = IndexAllocator(limits.max_num_seqs)
@@ -61,6 +65,8 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """Build the next batch and advance its requests' lengths as if it were already launched."""
+        self.policy.observe(SchedulerLoad(self.clock(), self.policy.num_waiting(), len(self.running),
+                                          self.kv.usage, self.slots.num_free))
         budget = self.limits.max_num_batched_tokens
         picked: list[tuple[Request, int]] = []
         preempted: list[Request] = []

@@ -31,7 +31,7 @@ log = structlog.get_logger("conveyor.scheduler")
 Clock = Callable[[], float]
 
 
-class AdaptivePolicy:
+class AdaptivePolicy(SchedulingPolicy):
     name = "adaptive"
 
     def __init__(self, aging_s: float = 30.0, clock: Clock = time.monotonic, low_load: float = 0.25,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 
+from scheduler.policy import SchedulingPolicy
 from scheduler.request import Request
 
 
@@ -22,7 +23,7 @@ def tenant_of(r: Request) -> str:
     return r.tenant or ""
 
 
-class FairSharePolicy:
+class FairSharePolicy(SchedulingPolicy):
     name = "fair"
 
     def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0,

@@ -13,12 +13,13 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 
+from scheduler.policy import SchedulingPolicy
 from scheduler.request import Request
 
 Clock = Callable[[], float]
 
 
-class PriorityPolicy:
+class PriorityPolicy(SchedulingPolicy):
     name = "priority"
 
     def __init__(self, aging_s: float = 30.0, clock: Clock = time.monotonic) -> None:

@@ -11,10 +11,11 @@ from collections import deque
 from collections.abc import Iterator
 
 from scheduler.policies.fair import tenant_of
+from scheduler.policy import SchedulingPolicy
 from scheduler.request import Request
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(SchedulingPolicy):
     name = "round-robin"
 
     def __init__(self, time_slice: int = 8) -> None:

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from scheduler.length_predictor import LengthPredictor
+from scheduler.policy import SchedulingPolicy
 from scheduler.request import FinishReason, Request
 
 Clock = Callable[[], float]
 
 
-class SJFPolicy:
+class SJFPolicy(SchedulingPolicy):
     name = "sjf"
     preemptive = False
 

@@ -16,12 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from scheduler.policy import SchedulingPolicy
 from scheduler.request import Request
 
 Clock = Callable[[], float]
 
 
-class StaticBatchPolicy:
+class StaticBatchPolicy(SchedulingPolicy):
     name = "static"
 
     def __init__(self, batch_size: int = 8, timeout_s: float = 0.5, clock: Clock = time.monotonic) -> None:
