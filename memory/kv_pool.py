@@ -39,6 +39,10 @@ class KVPool:
             (num_layers, num_pages, 2, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
 
+    @property
+    def page_bytes(self) -> int:
+        return self.data[:, 0].numel() * self.data.element_size()
+
     @classmethod
     def from_budget(
         cls,

@@ -83,6 +83,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kernels: Kernels | None = None
+        # Logits cover ids [0, output_vocab): a tokenizer smaller than the embedding (padded vocab,
+        # or a stand-in tokenizer for dummy weights) cannot decode the rest, so they are never sampled.
+        self.output_vocab = cfg.vocab_size
 
     def init_kernels(self, max_positions: int) -> None:
         """Pick the kernel set for the weights' device (after loading) and build the RoPE tables."""
@@ -116,4 +119,4 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return torch.nn.functional.linear(hidden, weight[: self.output_vocab]).float()

@@ -31,10 +31,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     static_batch_timeout: float = 0.5  # static: seconds the oldest waits before a partial batch starts
     round_robin_time_slice: int = 8  # round-robin: steps a tenant's queue keeps its turn
     reservation: str = "dynamic"  # conservative | dynamic
-    reservation_beta: float = 0.3  # dynamic: share of max_tokens that must fit at admission
+    reservation_beta: float = 0.3  # dynamic: starting share of max_tokens promised at admission
+    reservation_adapt: bool = True  # dynamic: beta follows observed output lengths and retractions
+    enable_prefix_caching: bool = True  # radix tree over token ids: requests reuse cached prompt pages
+    preemption_mode: str = "recompute"  # recompute | swap (KV copied to host memory and back)
+    swap_space: float = 4.0  # GiB of pinned host memory for swapped-out KV
     enforce_eager: bool = False  # CUDA: no decode graphs
     pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
     served_model_name: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory; default: the model's own (presets have none)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -49,6 +54,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"pipeline_depth must be 1, 2 or 3, got {self.pipeline_depth}")
         if self.static_batch_size < 1 or self.round_robin_time_slice < 1:
             raise ConfigError("static_batch_size and round_robin_time_slice must be >= 1")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ConfigError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ConfigError("swap_space must be >= 0 GiB")
+        if not 0.0 <= self.reservation_beta <= 1.0:
+            raise ConfigError(f"reservation_beta must be in [0, 1], got {self.reservation_beta}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

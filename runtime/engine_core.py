@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import structlog
 import torch
 
-from memory import KVCacheManager, KVPool, PinnedStaging, TokenPool, make_reservation
+from memory import KVCacheManager, KVPool, PinnedStaging, SwapSpace, TokenPool, make_reservation
+from memory.kv_swapper import KVSwapper
 from model import load_model, resolve_model
 from model.attention import AttentionBackend, TorchPagedAttention
 from model.tokenizer import load_tokenizer
@@ -85,6 +86,21 @@ class EngineStats(NamedTuple):
     device_busy_s: float  # since start: the device (or CPU worker) ran batches
     device_idle_s: float  # since start: idle between two batches while work was queued
     policy_metrics: dict[str, float]  # the scheduling policy's own numbers (e.g. predictor tau)
+    num_retractions: int  # preemptions because the KV pool ran dry
+    reservation_beta: float  # share of max_tokens promised at admission now
+    kv_pages_total: int
+    kv_pages_used: int  # held by requests (private) or locked by them in the prefix cache
+    kv_pages_promised: int  # used + promised at admission but not grown into yet
+    kv_pages_cached: int  # owned by the prefix cache (locked or evictable)
+    prefill_tokens: int  # prompt/recompute tokens computed since start
+    prefix_hit_tokens: int  # prompt tokens served from the prefix cache since start
+    num_swapped_out: int  # retracted requests whose KV went to host memory
+    num_swapped_in: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        total = self.prefill_tokens + self.prefix_hit_tokens
+        return self.prefix_hit_tokens / total if total else 0.0
 
     @property
     def device_idle_fraction(self) -> float:
@@ -111,7 +127,13 @@ class EngineCore:
         torch.manual_seed(config.seed)
         self.model = load_model(source, self.dtype, self.device, config.seed)
         self.model.init_kernels(max_len + 1)
-        self.tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+        tokenizer_dir = config.tokenizer or source.tokenizer_dir
+        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        if self.tokenizer is not None:
+            if len(self.tokenizer) > mcfg.vocab_size:
+                raise ConfigError(f"tokenizer {tokenizer_dir} has {len(self.tokenizer)} tokens, more than the "
+                                  f"model's vocabulary of {mcfg.vocab_size}")
+            self.model.output_vocab = len(self.tokenizer)
 
         backend = self._make_attention_backend()
         self.kv_pool = KVPool.from_budget(
@@ -125,8 +147,8 @@ class EngineCore:
             )
         kv = KVCacheManager(
             self.kv_pool.usable_pages, config.block_size,
-            make_reservation(config.reservation, config.reservation_beta),
-            first_page=KVPool.RESERVED_PAGES,
+            make_reservation(config.reservation, config.reservation_beta, config.reservation_adapt),
+            first_page=KVPool.RESERVED_PAGES, enable_prefix_caching=config.enable_prefix_caching,
         )
         limits = SchedulerLimits(
             max_num_seqs=config.max_num_seqs,
@@ -139,15 +161,20 @@ class EngineCore:
             static_batch_size=config.static_batch_size, static_batch_timeout=config.static_batch_timeout,
             round_robin_time_slice=config.round_robin_time_slice,
         )
-        self.scheduler = Scheduler(limits, policy, kv)
+        swap = None
+        if config.preemption_mode == "swap":
+            swap = SwapSpace(int(config.swap_space * 2**30) // self.kv_pool.page_bytes)
+        self.scheduler = Scheduler(limits, policy, kv, swap=swap)
         poison = os.environ.get("CONVEYOR_DEBUG_POISON") == "1"
         self.token_pool = TokenPool(config.max_num_seqs, max_len, self.device, poison=poison)
         staging = PinnedStaging(
             staging_regions(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
-                            -(-max_len // config.block_size) + 1, self.kv_pool.num_pages),
+                            -(-max_len // config.block_size) + 1),
             config.pipeline_depth + 1, self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device, config.seed)
+        if swap is not None:
+            self.runner.swapper = KVSwapper(self.kv_pool)
         if self.device.type == "cuda" and not config.enforce_eager:
             from runtime.cuda_graphs import DecodeGraphs
 
@@ -164,11 +191,12 @@ class EngineCore:
         self._device_busy_s = 0.0
         self._device_idle_s = 0.0
         self._debug_sync = self.device.type == "cuda" and os.environ.get("CONVEYOR_DEBUG_SYNC") == "1"
+        self._debug_checks = os.environ.get("CONVEYOR_DEBUG_CHECKS") == "1"  # integrity after every step
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer, tuple(sorted(eos)))
-        self.inputs = InputProcessor(self.tokenizer, max_len, mcfg.vocab_size)
+        self.inputs = InputProcessor(self.tokenizer, max_len, self.model.output_vocab)
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
         log.info(
             "engine ready", model=self.model_name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
@@ -197,7 +225,7 @@ class EngineCore:
             from runtime.cuda_graphs import capture_sizes
 
             # Each captured graph keeps its own fp32 logits output alive.
-            graphs = sum(capture_sizes(min(cfg.max_num_seqs, MAX_GRAPH_BATCH))) * mcfg.vocab_size * 4 + (256 << 20)
+            graphs = sum(capture_sizes(min(cfg.max_num_seqs, MAX_GRAPH_BATCH))) * self.model.output_vocab * 4 + (256 << 20)
         budget = int(total * cfg.gpu_memory_utilization) - (total - free) - peak - graphs
         log.info("kv budget", total_gib=round(total / 2**30, 1), used_gib=round((total - free) / 2**30, 2),
                  activation_peak_gib=round(peak / 2**30, 2), graphs_gib=round(graphs / 2**30, 2),
@@ -211,7 +239,7 @@ class EngineCore:
         pages = -(-tokens // cfg.block_size) + KVPool.RESERVED_PAGES
         kv = KVPool(mcfg.num_layers, pages, cfg.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device)
         pool = TokenPool(1, tokens, self.device)
-        staging = PinnedStaging(staging_regions(tokens, 1, pages, pages), 1, self.device)
+        staging = PinnedStaging(staging_regions(tokens, 1, pages), 1, self.device)
         runner = ModelRunner(self.model, kv, pool, backend, staging, self.device)
         req = Request("profile", [0] * tokens, SamplingParams(max_tokens=1), 1)
         seq = ScheduledSeq(req, slot=0, start=0, num_tokens=tokens, samples=True,
@@ -241,6 +269,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
+        kv = sched.kv
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=sched.num_waiting,
@@ -249,6 +278,16 @@ class EngineCore:
             device_busy_s=self._device_busy_s,
             device_idle_s=self._device_idle_s,
             policy_metrics=sched.policy.metrics(),
+            num_retractions=sched.num_retractions,
+            reservation_beta=kv.reservation.beta,
+            kv_pages_total=kv.total_pages,
+            kv_pages_used=kv.total_pages - kv.num_available_pages,
+            kv_pages_promised=kv.total_pages - kv.num_available_pages + kv.num_outstanding_pages,
+            kv_pages_cached=kv.num_cached_pages,
+            prefill_tokens=sched.num_prefill_tokens,
+            prefix_hit_tokens=sched.num_prefix_hit_tokens,
+            num_swapped_out=sched.num_swapped_out,
+            num_swapped_in=sched.num_swapped_in,
         )
 
     def has_work(self) -> bool:
@@ -297,6 +336,8 @@ class EngineCore:
                 process=(t4, clock()), device=(result.device_start, result.device_end), device_idle_before=idle,
             ))
         self._last_device_end = result.device_end
+        if self._debug_checks:
+            self.check_integrity()
         return outputs
 
     def _sync_debug(self):

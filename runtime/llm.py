@@ -72,6 +72,7 @@ class LLM:
                 finish_reason=r.finish_reason.value,
                 stop_reason=r.stop_reason,
                 num_prompt_tokens=r.num_prompt_tokens,
+                num_cached_tokens=r.num_cached_tokens,
             )
             for r in reqs
         ]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from memory import KVPool, PinnedStaging, TokenPool
+from memory.kv_swapper import KVSwapper
 from model.attention import AttentionBackend, AttentionMetadata
 from model.decoder import DecoderModel
 from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
@@ -38,10 +39,12 @@ class PreparedBatch:
     graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
 
 
-def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int, num_pages: int) -> dict[str, int]:
+def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
     return {
         "token_slots": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
-        "kv_indices": num_pages + max_seqs, "page_table": max_seqs * max_pages_per_seq,
+        # Prefix caching shares pages between sequences, so the pool size does not bound a batch's
+        # page list; every sequence holding a full page table does.
+        "kv_indices": max_seqs * max_pages_per_seq, "page_table": max_seqs * max_pages_per_seq,
         "kv_indptr": max_seqs + 1, "kv_last_page_len": max_seqs, "batch_indices": max_tokens,
         "logits_indices": max_seqs, "sample_slots": max_seqs, "sample_positions": max_seqs,
     }
@@ -66,6 +69,7 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs: DecodeGraphs | None = None
+        self.swapper: KVSwapper | None = None  # set with --preemption-mode swap
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         seqs = batch.seqs
@@ -138,6 +142,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> SamplerOutput:
         """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
+        if prepared.batch.swaps:
+            assert self.swapper is not None, "a swap was scheduled without a swapper"
+            self.swapper.run(prepared.batch.swaps)
         for w in prepared.batch.pool_writes:
             self.token_pool.write(w.slot, w.start, list(w.token_ids))
         num_samples = prepared.logits_indices.shape[0]

@@ -80,6 +80,7 @@ class OutputProcessor:
             stop_reason=stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,
             finish_time=req.finish_time,

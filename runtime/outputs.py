@@ -28,6 +28,7 @@ class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival_time: float
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -44,3 +45,4 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     stop_reason: str | int | None
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memory.swap_space import SwapOp
 from scheduler.request import Request
 
 
@@ -39,6 +40,7 @@ class ScheduledBatch:
     num_decodes: int
     pool_writes: tuple[PoolWrite, ...]
     preempted: tuple[Request, ...]
+    swaps: tuple[SwapOp, ...] = ()  # KV moves to run, in order, before this batch's forward
 
     @property
     def num_tokens(self) -> int:

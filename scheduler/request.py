@@ -47,6 +47,8 @@ class Request:
     stop_reason: str | int | None = None
     num_preemptions: int = 0  # also the request's epoch: samples launched before a preemption are stale
     num_inflight: int = 0  # launched batches holding this request whose outputs are not processed yet
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    swapped: tuple[int, int] | None = None  # (swap handle, tokens whose KV it holds) while swapped out
     first_token_time: float | None = None
     finish_time: float | None = None
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memory import IndexAllocator, KVCacheManager
+from memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace
 from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
 from scheduler.policy import SchedulerLoad, SchedulingPolicy
 from scheduler.request import FinishReason, Request, RequestStatus
@@ -36,17 +36,27 @@ class SchedulerLimits:
 
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, policy: SchedulingPolicy, kv: KVCacheManager,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, swap: SwapSpace | None = None) -> None:
         self.limits = limits
+        self.swap = swap  # set: retracted requests' KV goes to host memory instead of being recomputed
+        self._swaps: list[SwapOp] = []  # for the next launched batch
         self.clock = clock
         self.policy = policy
+        cache = kv.prefix_cache
+        if cache is not None and hasattr(policy, "prefix_len"):  # cache-aware policies (lpm) look up prefixes
+            policy.prefix_len = lambda r: cache.match_len(r.known_token_ids())
         self.kv = kv
         self.slots = IndexAllocator(limits.max_num_seqs)
         self.running: list[Request] = []
         self.draining: list[Request] = []  # finished, waiting for in-flight batches before release
         self.requests: dict[str, Request] = {}
         self._step_ids = itertools.count()
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # every preemption: retractions and policy preemptions
+        self.num_retractions = 0  # preemptions because the KV pool ran dry
+        self.num_prefill_tokens = 0  # prompt (and recompute) tokens launched
+        self.num_prefix_hit_tokens = 0  # tokens admission found in the prefix cache instead
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -67,6 +77,7 @@ class Scheduler:
         """Build the next batch and advance its requests' lengths as if it were already launched."""
         self.policy.observe(SchedulerLoad(self.clock(), self.policy.num_waiting(), len(self.running),
                                           self.kv.usage, self.slots.num_free))
+        self.kv.reservation.on_step()
         budget = self.limits.max_num_batched_tokens
         picked: list[tuple[Request, int]] = []
         preempted: list[Request] = []
@@ -78,7 +89,7 @@ class Scheduler:
         # names none. These preemptions do not block admission below: freeing slots for
         # admission is their whole point, and memory was not short.
         evicted: list[Request] = []
-        if self.slots.num_free == 0 and self.policy.num_waiting() > 0:
+        if self.policy.num_waiting() > 0 and (self.slots.num_free == 0 or not self._fits(self.policy.peek())):
             for victim in self.policy.preempt_for_waiting(list(self.running)):
                 if victim.status is RequestStatus.RUNNING:
                     self._preempt(victim)
@@ -95,7 +106,7 @@ class Scheduler:
             while not self.kv.grow(req.request_id, req.num_computed_tokens + n):
                 others = [r for r in self.running if r is not req and all(r is not p for p, _ in picked)]
                 victim = self.policy.victim(others) if others else req
-                self._preempt(victim)
+                self._preempt(victim, retract=True)
                 preempted.append(victim)
                 if victim is req:
                     break
@@ -105,17 +116,32 @@ class Scheduler:
 
         # No admissions in a step that had to preempt: memory is short already.
         # Slots, not len(running), bound admission: a finished request still draining holds its slot.
+        # First pages this batch computes from scratch: a waiting request starting with one of them
+        # waits a step and then reads them from the prefix cache instead of computing them twice
+        # (n > 1 choices, a burst of questions about one document; SGLang's in-batch prefix check).
+        fresh_heads: set[tuple[int, ...]] = set()
         while not preempted and budget > 0 and self.slots.num_free > 0:
             req = self.policy.peek()
-            if req is None or not self.kv.can_admit(req.num_tokens, req.remaining_new_tokens):
+            if req is None:
                 break
-            n = self._tokens_to_run(req, budget)
-            if n == 0:
+            match = self._match(req)
+            head = self._head_page(req)
+            if match is None and head in fresh_heads:
                 break
+            if not self.kv.can_admit(req.num_tokens, req.remaining_new_tokens, match):
+                break
+            cached = req.swapped[1] if req.swapped else match.num_pages * self.kv.page_size if match else 0
+            if req.num_tokens - cached > budget and not self.limits.enable_chunked_prefill:
+                break
+            n = min(req.num_tokens - cached, budget)
             self.policy.pop()
-            self._admit(req)
-            if not self.kv.grow(req.request_id, n):  # admission promised more than this; cannot fail
+            self._admit(req, match)
+            if not self.kv.grow(req.request_id, req.num_computed_tokens + n):  # admission promised this
                 raise AssertionError("admitted request could not get its first pages")
+            if req.swapped:
+                self._swap_in(req)
+            if head is not None and req.num_computed_tokens == 0:
+                fresh_heads.add(head)
             writes.append(PoolWrite(req.slot, 0, tuple(req.known_token_ids())))
             picked.append((req, n))
             budget -= n
@@ -134,11 +160,53 @@ class Scheduler:
             return 0
         return min(pending, budget)
 
-    def _admit(self, req: Request) -> None:
+    def _match(self, req: Request) -> PrefixMatch | None:
+        # A swapped-out request brings its own KV back; it reads nothing from the cache.
+        return None if req.swapped else self.kv.match_prefix(req.known_token_ids())
+
+    def _head_page(self, req: Request) -> tuple[int, ...] | None:
+        ps = self.kv.page_size
+        if self.kv.prefix_cache is None or req.swapped or req.num_tokens <= ps:
+            return None
+        return tuple(req.prompt_token_ids[:ps]) if req.num_prompt_tokens >= ps else tuple(req.known_token_ids()[:ps])
+
+    def _fits(self, req: Request | None) -> bool:
+        """Whether memory (not slots) would let ``req`` in now."""
+        return req is None or self.kv.can_admit(req.num_tokens, req.remaining_new_tokens, self._match(req))
+
+    def _admit(self, req: Request, match: PrefixMatch | None) -> None:
         req.slot = self.slots.allocate(1)[0]
-        self.kv.admit(req.request_id, req.num_tokens, req.remaining_new_tokens)
+        self.kv.admit(req.request_id, req.num_tokens, req.remaining_new_tokens, match)
+        req.num_computed_tokens = match.num_pages * self.kv.page_size if match else 0
+        if req.swapped:
+            req.num_computed_tokens = req.swapped[1]
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        self.num_prefix_hit_tokens += req.num_computed_tokens
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+
+    def _swap_out(self, req: Request) -> None:
+        """Copy a retracted request's KV to host memory if there is room (else it recomputes)."""
+        assert self.swap is not None
+        # Keep the last known token to compute on resume: its logits give the next sample.
+        tokens = min(req.num_computed_tokens, len(req.known_token_ids()) - 1)
+        pages = self.kv.pages_for(tokens)
+        handle = self.swap.reserve(pages)
+        if handle is None:
+            return
+        self._swaps.append(SwapOp(SwapKind.OUT, handle, tuple(self.kv.page_tables[req.request_id][:pages])))
+        req.swapped = (handle, tokens)
+        self.num_swapped_out += 1
+
+    def _swap_in(self, req: Request) -> None:
+        assert self.swap is not None and req.swapped is not None
+        handle, tokens = req.swapped
+        pages = self.kv.page_tables[req.request_id][: self.kv.pages_for(tokens)]
+        self._swaps.append(SwapOp(SwapKind.IN, handle, tuple(pages)))
+        self.swap.release(handle)
+        req.swapped = None
+        self.num_swapped_in += 1
 
     def _launch(
         self, picked: list[tuple[Request, int]], writes: list[PoolWrite], preempted: list[Request]
@@ -160,15 +228,30 @@ class Scheduler:
             )
             req.num_inflight += 1
             req.num_computed_tokens += n
+            if n > 1 or not samples:
+                self.num_prefill_tokens += n
+                if self.kv.prefix_cache is not None:  # its whole pages can serve the next same-prefix request
+                    self.kv.cache(req.request_id, req.known_token_ids()[: req.num_computed_tokens])
             if samples:
                 req.num_tokens += 1
         seqs.sort(key=lambda s: s.num_tokens != 1)  # decodes first; stable keeps policy order
         num_decodes = sum(1 for s in seqs if s.num_tokens == 1)
-        return ScheduledBatch(next(self._step_ids), tuple(seqs), num_decodes, tuple(writes), tuple(preempted))
+        swaps, self._swaps = tuple(self._swaps), []
+        return ScheduledBatch(next(self._step_ids), tuple(seqs), num_decodes, tuple(writes), tuple(preempted), swaps)
 
     # -- leaving --------------------------------------------------------------------------
-    def _preempt(self, req: Request) -> None:
-        """Recompute preemption: drop its KV and slot, keep its tokens, wait again at the front."""
+    def _preempt(self, req: Request, retract: bool = False) -> None:
+        """Recompute preemption: drop its KV and slot, keep its tokens, wait again at the front.
+
+        ``retract``: the pool ran dry (not the policy's choice), so the reservation gets bolder
+        about what requests will need. With prefix caching on, the KV it had computed stays
+        cached, so the recompute is mostly a cache hit unless the pages get evicted meanwhile.
+        """
+        if retract:
+            self.num_retractions += 1
+            self.kv.reservation.on_retract()
+            if self.swap is not None:
+                self._swap_out(req)
         self._release(req)
         self.running.remove(req)
         # Tokens launched but not yet read back are dropped with the KV; they will be sampled again.
@@ -190,9 +273,16 @@ class Scheduler:
                 self._release(req)
         else:
             self.policy.remove(req)
+            if req.swapped:
+                self._swaps.append(SwapOp(SwapKind.DROP, req.swapped[0]))
+                assert self.swap is not None
+                self.swap.release(req.swapped[0])
+                req.swapped = None
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+        if reason is not FinishReason.ABORT:
+            self.kv.reservation.on_finish(len(req.output_token_ids), req.max_new_tokens)
         del self.requests[req.request_id]
         self.policy.on_finish(req)  # predictors learn lengths; fifo/static/fair release their hold
 
@@ -207,12 +297,17 @@ class Scheduler:
                 self._release(req)
 
     def _release(self, req: Request) -> None:
-        self.kv.free(req.request_id)
+        # Tokens whose KV its pages hold: computed by a launched batch and known on the host
+        # (an in-flight sample's value is not, and its position's KV is not cached).
+        known = req.known_token_ids() if self.kv.prefix_cache is not None else None
+        self.kv.free(req.request_id, known[: req.num_computed_tokens] if known is not None else None)
         self.slots.free([req.slot])
         req.slot = None
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        if self.swap is not None:
+            self.swap.check()
         self.slots.check()
         holders = self.running + self.draining
         if self.slots.num_in_use != len(holders):

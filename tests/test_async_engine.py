@@ -22,7 +22,7 @@ def assert_clean(eng: AsyncEngine) -> None:
     sched = eng.core.scheduler
     sched.check_integrity()
     assert not sched.running and sched.num_waiting == 0
-    assert sched.kv.num_free_pages == sched.kv.total_pages
+    assert sched.kv.num_available_pages == sched.kv.total_pages
 
 
 async def test_stream_yields_deltas_that_add_up(engine):

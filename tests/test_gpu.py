@@ -197,7 +197,8 @@ def test_depths_agree_on_gpu_with_poison_and_sync_debug(monkeypatch, tmp_path):
     results = {}
     for depth in (1, 2, 3):
         llm = LLM(oracle.dir, max_model_len=1024, max_num_batched_tokens=512, max_num_seqs=32,
-                  pipeline_depth=depth, kv_cache_memory=401 * 16 * 2 * 28 * 8 * 128 * 2)  # 400 pages: preempts
+                  pipeline_depth=depth, kv_cache_memory=401 * 16 * 2 * 28 * 8 * 128 * 2,  # 400 pages: preempts
+                  reservation_beta=0.0, reservation_adapt=False, enable_prefix_caching=False)  # admit boldly
         results[depth] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.core.scheduler.num_preemptions > 0
         llm.core.check_integrity()
@@ -211,3 +212,35 @@ def test_depths_agree_on_gpu_with_poison_and_sync_debug(monkeypatch, tmp_path):
     same = sum(a == b for a, b in zip(results[1], results[2]))
     print(f"depth 1 vs 2 identical for {same}/40 sequences; depth 1 vs 3: "
           f"{sum(a == b for a, b in zip(results[1], results[3]))}/40")
+
+
+def test_prefix_cache_and_swap_on_gpu(monkeypatch, tmp_path):
+    """Prefix caching and swap preemption on the device: tokens as close to HF as ever, KV intact."""
+    oracle = HFOracle("qwen3-0.6b", tmp_path / "qwen3")
+    monkeypatch.setenv("CONVEYOR_DEBUG_POISON", "1")
+    monkeypatch.setenv("CONVEYOR_DEBUG_SYNC", "1")
+    monkeypatch.setenv("CONVEYOR_DEBUG_CHECKS", "1")
+    rng = random.Random(3)
+    docs = [[rng.randrange(3, 30000) for _ in range(rng.randint(100, 300))] for _ in range(3)]
+    prompts = [docs[i % 3] + [rng.randrange(3, 30000) for _ in range(rng.randint(1, 30))] for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    variants = {
+        "prefix cache": dict(enable_prefix_caching=True),
+        "swap": dict(enable_prefix_caching=False, preemption_mode="swap", reservation_beta=0.05),
+    }
+    for label, kw in variants.items():
+        llm = LLM(oracle.dir, max_model_len=1024, max_num_batched_tokens=512, max_num_seqs=16,
+                  kv_cache_memory=101 * 16 * 2 * 28 * 8 * 128 * 2, **kw)  # 100 pages: the pool runs dry
+        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.core.stats()
+        llm.core.check_integrity()
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+        print(f"{label}: hits {stats.prefix_hit_tokens} tokens, retractions {stats.num_retractions}, "
+              f"swapped out {stats.num_swapped_out}")
+        if label == "prefix cache":
+            assert stats.prefix_hit_tokens > 0
+        else:
+            assert stats.num_swapped_out > 0 and stats.num_swapped_in == stats.num_swapped_out
+        check_against(oracle, prompts, outs, label)

@@ -47,7 +47,7 @@ def drive(core: EngineCore, requests: list[tuple[str, list[int], SamplingParams]
         assert step < 5000
     core.check_integrity()
     sched = core.scheduler
-    assert sched.kv.num_free_pages == sched.kv.total_pages and not sched.draining
+    assert sched.kv.num_available_pages == sched.kv.total_pages and not sched.draining
     for rid, _, _ in requests:
         assert sum(o.finished for o in streams[rid]) == 1, f"{rid} finished {sum(o.finished for o in streams[rid])}x"
     return streams

@@ -71,10 +71,15 @@ class ChatCompletionRequest(GenerationFields, kw_only=True):
 
 
 # -- responses ------------------------------------------------------------------------------
-class Usage(msgspec.Struct, kw_only=True):
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # as OpenAI's: prompt tokens the cache served
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):

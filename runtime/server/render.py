@@ -16,8 +16,8 @@ from runtime.outputs import RequestOutput, SampleLogprobs
 from runtime.server.inputs import Plan
 from runtime.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, TokenLogprobEntry,
-    TopLogprob, Usage,
+    ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
+    TokenLogprobEntry, TopLogprob, Usage,
 )
 
 
@@ -26,6 +26,7 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     num_chars: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -52,14 +53,22 @@ class Renderer:
 
     def usage(self) -> Usage:
         completion = sum(c.num_output_tokens for c in self.choices)
+        # n > 1: a prompt counts once, as it was first computed (its copies then hit the cache).
+        first: dict[tuple[int, ...], int] = {}
+        for req, c in zip(self.plan.requests, self.choices):
+            key = tuple(req.prompt_token_ids)
+            first[key] = min(first.get(key, c.num_cached_tokens), c.num_cached_tokens)
+        cached = sum(first.values())
         return Usage(prompt_tokens=self.plan.num_prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.plan.num_prompt_tokens + completion)
+                     total_tokens=self.plan.num_prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def update(self, i: int, out: RequestOutput) -> ChoiceState:
         state = self.choices[i]
         state.text.append(out.text)
         state.num_chars += len(out.text)
         state.num_output_tokens = out.num_output_tokens
+        state.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             state.finish_reason, state.stop_reason, state.error = out.finish_reason, out.stop_reason, out.error
         return state
