@@ -140,9 +140,20 @@ class FakeServer:
         self.total, self.gate, self.fail = total, gate, fail
         self.arrived = self.in_flight = self.max_in_flight = 0
         self.changed = asyncio.Condition()
+        self.bodies: list[dict] = []
+
+    @staticmethod
+    def token_chunks(body: dict) -> list[bytes]:
+        """Completions: one ``text`` chunk per token. Chat: a role-only delta first, as OpenAI sends."""
+        if "messages" not in body:
+            return [b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'] * body["max_tokens"]
+        role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+        return [role] + [b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'] * \
+            body["max_completion_tokens"]
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.bodies.append(body)
         n = self.arrived
         self.arrived += 1
         self.in_flight += 1
@@ -161,10 +172,12 @@ class FakeServer:
             if failure == "stream":
                 await resp.write(b'data: {"error": {"message": "engine died"}}\n\n')
             else:
-                for _ in range(body["max_tokens"]):
-                    await resp.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
+                chunks = self.token_chunks(body)
+                for chunk in chunks:
+                    await resp.write(chunk)
                 if body.get("stream_options", {}).get("include_usage"):
-                    usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"], "total_tokens": 0}
+                    out = body.get("max_tokens", body.get("max_completion_tokens"))
+                    usage = {"prompt_tokens": 7, "completion_tokens": out, "total_tokens": 0}
                     await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -183,6 +196,7 @@ async def serve_app() -> AsyncIterator[Callable]:
     async def start(fake: FakeServer) -> str:
         app = web.Application()
         app.router.add_post("/v1/completions", fake.completions)
+        app.router.add_post("/v1/chat/completions", fake.completions)
         app.router.add_get("/v1/models", fake.models)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -208,6 +222,29 @@ async def test_max_concurrency_is_never_exceeded(serve_app):
     assert res.completed == 12 and res.failed == 0 and res.model == "fake-model"
     for r in res.requests:  # one chunk per token: ITLs are the gaps between them
         assert r.output_tokens == r.output_len and len(r.itl_s) == r.output_len - 1 and r.prompt_tokens == 7
+
+
+async def test_chat_endpoint_sends_messages_and_times_content_deltas(serve_app):
+    fake = FakeServer(total=6)
+    url = await serve_app(fake)
+    [res] = await amain(base_args(url, 6) + ["--endpoint", "/v1/chat/completions", "--ignore-eos"])
+    assert (res.completed, res.failed, res.endpoint) == (6, 0, "/v1/chat/completions")
+    for body in fake.bodies:
+        assert "prompt" not in body and "max_tokens" not in body and body["ignore_eos"] is True
+        [message] = body["messages"]
+        assert message["role"] == "user" and len(message["content"].split()) >= 8  # --input-len 8:16 words
+    for r in res.requests:
+        # The role-only delta carries no text: it is neither the first token nor an ITL gap.
+        assert r.output_tokens == r.output_len and len(r.itl_s) == r.output_len - 1
+        assert 0 < r.ttft_s <= r.e2e_s
+
+
+async def test_completions_endpoint_sends_a_prompt(serve_app):
+    fake = FakeServer(total=2)
+    url = await serve_app(fake)
+    [res] = await amain(base_args(url, 2))
+    assert res.completed == 2
+    assert all("messages" not in b and isinstance(b["prompt"], str) and b["max_tokens"] >= 3 for b in fake.bodies)
 
 
 async def test_failures_are_counted_by_status_and_none_lost(serve_app):
@@ -295,6 +332,31 @@ async def test_real_server_end_to_end(tiny_chat_dir: Path, tmp_path: Path):
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["latency_cdf_rate100.0.png", "throughput_rate100.0.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+
+
+async def test_real_server_chat_endpoint(tiny_chat_dir: Path):
+    from runtime.async_engine import AsyncEngine
+    from runtime.config import EngineConfig
+    from runtime.server.app import ServerSettings, build_app
+
+    engine = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=512,
+                                                   kv_cache_memory=4 << 20, max_num_seqs=8))
+    runner = web.AppRunner(build_app(engine, ServerSettings()), access_log=None)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        [res] = await amain(["--base-url", url, "--endpoint", "/v1/chat/completions", "--tokenizer",
+                             str(tiny_chat_dir), "--num-prompts", "6", "--input-len", "16:32", "--output-len", "4:8",
+                             "--ignore-eos", "--no-progress"])
+    finally:
+        await runner.cleanup()
+        await engine.shutdown()
+    assert (res.completed, res.failed) == (6, 0)
+    for r in res.requests:
+        assert r.output_tokens == r.output_len  # counted by the server's usage chunk
+        assert r.prompt_tokens > r.prompt_len  # the chat template wraps the message
+        assert 0 < r.ttft_s <= r.e2e_s
 
 
 def test_cli_forwards_to_loadgen(capsys):

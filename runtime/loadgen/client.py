@@ -1,4 +1,9 @@
-"""One streaming request to an OpenAI-compatible ``/v1/completions`` and what it measured.
+"""One streaming request to an OpenAI-compatible endpoint and what it measured.
+
+Two endpoint shapes: ``/v1/completions`` (a ``prompt``; chunks carry ``choices[].text``) and
+``/v1/chat/completions`` (the prompt as one user message; chunks carry ``choices[].delta.content``,
+the first one usually a role-only delta with no text). Chat servers apply their chat template, so
+the prompt tokens they count are a few more than the target; the usage chunk says how many.
 
 Times are ``time.perf_counter()`` seconds. Each SSE chunk that carries text is one "token" event
 for TTFT and ITL, as vLLM's ``bench serve`` counts them: a server that holds text back (partial
@@ -43,8 +48,19 @@ class _Usage(msgspec.Struct):
     completion_tokens: int = 0
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
 class _Choice(msgspec.Struct):
-    text: str | None = None
+    text: str | None = None  # completions
+    delta: _Delta | None = None  # chat completions
+
+    @property
+    def new_text(self) -> str:
+        if self.text is not None:
+            return self.text
+        return (self.delta.content or "") if self.delta is not None else ""
 
 
 class _Chunk(msgspec.Struct):
@@ -63,16 +79,29 @@ class RequestOptions:
     ignore_eos: bool = False
     temperature: float = 0.0
 
+    @property
+    def chat(self) -> bool:
+        """The endpoint takes chat messages (``.../chat/completions``), not a prompt."""
+        return self.url.rstrip("/").endswith("/chat/completions")
+
+
+def request_body(opts: RequestOptions, item: WorkItem) -> dict:
+    body: dict = {"model": opts.model, "temperature": opts.temperature, "stream": True,
+                  "stream_options": {"include_usage": True}}
+    if opts.chat:
+        # max_completion_tokens is OpenAI's current name for chat (vLLM's bench sends it too).
+        body.update(messages=[{"role": "user", "content": item.prompt}], max_completion_tokens=item.output_len)
+    else:
+        body.update(prompt=item.prompt, max_tokens=item.output_len)
+    if opts.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's extension; servers that don't know it ignore it
+    return body
+
 
 async def send_completion(session: aiohttp.ClientSession, opts: RequestOptions, item: WorkItem, index: int,
                           t0: float) -> RequestRecord:
     rec = RequestRecord(index=index, prompt_len=item.prompt_len, output_len=item.output_len)
-    body = {
-        "model": opts.model, "prompt": item.prompt, "max_tokens": item.output_len, "temperature": opts.temperature,
-        "stream": True, "stream_options": {"include_usage": True},
-    }
-    if opts.ignore_eos:
-        body["ignore_eos"] = True  # vLLM's extension; servers that don't know it ignore it
+    body = request_body(opts, item)
     start = time.perf_counter()
     rec.start_s = start - t0
     last = start
@@ -98,9 +127,9 @@ async def send_completion(session: aiohttp.ClientSession, opts: RequestOptions, 
                 if chunk.usage is not None:
                     rec.prompt_tokens = chunk.usage.prompt_tokens
                     rec.output_tokens = chunk.usage.completion_tokens
-                text = "".join(c.text or "" for c in chunk.choices)
+                text = "".join(c.new_text for c in chunk.choices)
                 if not text:
-                    continue  # the usage chunk and empty deltas are not tokens
+                    continue  # the usage chunk, role-only and empty deltas are not tokens
                 if rec.ttft_s is None:
                     rec.ttft_s = now - start
                 else:

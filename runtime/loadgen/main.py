@@ -43,11 +43,13 @@ def parse_rates(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="conveyor loadgen",
-        description="Streaming load against an OpenAI-compatible /v1/completions endpoint (Conveyor, vLLM, "
-        "SGLang): TTFT, TPOT, ITL, E2E percentiles, goodput under SLOs, JSON and plots.")
+        description="Streaming load against an OpenAI-compatible /v1/completions or /v1/chat/completions endpoint "
+        "(Conveyor, vLLM, SGLang): TTFT, TPOT, ITL, E2E percentiles, goodput under SLOs, JSON and plots.")
     t = p.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default: %(default)s)")
-    t.add_argument("--endpoint", default="/v1/completions", help="(default: %(default)s)")
+    t.add_argument("--endpoint", default="/v1/completions",
+                   help="/v1/completions (a prompt) or /v1/chat/completions (the prompt as one user message; "
+                   "the server's chat template adds a few prompt tokens) (default: %(default)s)")
     t.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     t.add_argument("--tokenizer", type=Path, default=None,
                    help="the served model's tokenizer directory, so prompt lengths are exact in its tokens "
