@@ -19,6 +19,12 @@ _HELP = {
     "kv_cache_memory": "bytes for the KV pool on CPU, e.g. 2GiB (default 1GiB)",
     "reservation": "KV reservation: conservative (prompt+max_tokens) or dynamic (grow on demand)",
     "block_size": "tokens per KV page",
+    "reservation_beta": "dynamic: share of max_tokens promised at admission, to start with",
+    "reservation_adapt": "dynamic: beta follows observed output lengths and rises on retraction",
+    "enable_prefix_caching": "reuse KV pages of prompts seen before (radix tree, LRU eviction)",
+    "preemption_mode": "when the KV pool runs dry: recompute, or swap the KV to host memory and back",
+    "swap_space": "GiB of pinned host memory for swapped-out KV",
+    "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 
@@ -43,7 +49,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             kwargs["type"] = type(default)
         elif default is None:
-            kwargs["type"] = int if field.name != "served_model_name" else str
+            kwargs["type"] = str if field.name in ("served_model_name", "tokenizer") else int
         group.add_argument(flag, **kwargs)
 
 
