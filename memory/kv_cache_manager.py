@@ -36,6 +36,9 @@ class KVCacheManager:
         self._cached: dict[str, set[int]] = {}  # pages of a table that the prefix cache owns
         self._locks: dict[str, RadixNode] = {}  # where each request's cached prefix ends
         self._promised: dict[str, int] = {}  # pages promised at admission
+        # Sum over requests of promised pages not grown into yet, kept current on every change: it
+        # is read per admission and, from the server thread, per metrics scrape.
+        self.num_outstanding_pages = 0
         self.num_evicted_pages = 0
 
     # -- sizing ---------------------------------------------------------------------------
@@ -57,10 +60,8 @@ class KVCacheManager:
     def num_cached_pages(self) -> int:
         return self.prefix_cache.num_pages if self.prefix_cache else 0
 
-    @property
-    def num_outstanding_pages(self) -> int:
-        """Pages promised to running requests that they have not grown into yet."""
-        return sum(max(0, promised - len(self.page_tables[rid])) for rid, promised in self._promised.items())
+    def _outstanding(self, request_id: str) -> int:
+        return max(0, self._promised[request_id] - len(self.page_tables[request_id]))
 
     @property
     def usage(self) -> float:
@@ -123,6 +124,7 @@ class KVCacheManager:
         upfront = self.pages_for(self.reservation.upfront_tokens(num_tokens, max_new_tokens)) - len(table)
         if upfront > 0:
             table.extend(self._allocate(upfront))
+        self.num_outstanding_pages += self._outstanding(request_id)
 
     def grow(self, request_id: str, num_tokens: int) -> bool:
         """Make the page table cover ``num_tokens``; False (and nothing allocated) if the pool is dry."""
@@ -132,7 +134,9 @@ class KVCacheManager:
             return True
         if missing > self.num_available_pages:
             return False
+        before = self._outstanding(request_id)
         table.extend(self._allocate(missing))
+        self.num_outstanding_pages += self._outstanding(request_id) - before
         return True
 
     def _allocate(self, n: int) -> list[int]:
@@ -148,6 +152,7 @@ class KVCacheManager:
         their whole pages first."""
         if token_ids is not None:
             self.cache(request_id, token_ids)
+        self.num_outstanding_pages -= self._outstanding(request_id)
         table = self.page_tables.pop(request_id)
         cached = self._cached.pop(request_id)
         self._promised.pop(request_id)
@@ -178,6 +183,8 @@ class KVCacheManager:
         for rid, cached in self._cached.items():
             if not cached <= tree:
                 raise IntegrityError(f"request {rid} reads a cached page the cache no longer holds")
+        if self.num_outstanding_pages != sum(self._outstanding(rid) for rid in self.page_tables):
+            raise IntegrityError("the outstanding-promise count drifted")
         if len(private) + len(tree) != self.allocator.num_in_use:
             raise IntegrityError(
                 f"page tables hold {len(private)} private pages and the cache {len(tree)}, but the "

@@ -33,6 +33,12 @@ class TokenPool:
         src = torch.tensor(token_ids, dtype=torch.int32)
         self.ids[slot, start : start + len(token_ids)].copy_(src, non_blocking=True)
 
+    def repoison(self, slots: tuple[int, ...]) -> None:
+        """Poison mode: slots given back since the last batch read as unwritten again, so their next
+        owner fails on the spot if it reads a position it did not write."""
+        if self.poison and slots:
+            self.ids[list(slots)] = POISON
+
     def gather(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.ids[slots, positions]
         if self.poison:

@@ -67,6 +67,10 @@ class AsyncEngine:
     def tokenizer(self) -> Any | None:
         return self.core.tokenizer
 
+    def num_waiting(self) -> int:
+        """Requests the scheduler has not admitted yet: the backpressure check, once per HTTP request."""
+        return self.core.scheduler.num_waiting
+
     def stats(self) -> EngineStats:
         """A snapshot for metrics and backpressure (read without locking: counters may be one step old)."""
         return self.core.stats()

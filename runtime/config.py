@@ -23,7 +23,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
-    schedule_policy: str = "fcfs"  # fcfs | fifo | static | priority | sjf | srtf | fair | round-robin | adaptive
+    schedule_policy: str = "fcfs"  # fcfs | fifo | static | priority | sjf | srtf | fair | round-robin | adaptive | lpm
     # Aging: per this many seconds since arrival, one priority level more urgent (priority), or
     # the predicted length halved (sjf/srtf), so that nothing starves.
     priority_aging_s: float = 30.0

@@ -145,6 +145,7 @@ class ModelRunner:
         if prepared.batch.swaps:
             assert self.swapper is not None, "a swap was scheduled without a swapper"
             self.swapper.run(prepared.batch.swaps)
+        self.token_pool.repoison(prepared.batch.freed_slots)  # before the new owners' writes
         for w in prepared.batch.pool_writes:
             self.token_pool.write(w.slot, w.start, list(w.token_ids))
         num_samples = prepared.logits_indices.shape[0]

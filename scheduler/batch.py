@@ -41,6 +41,7 @@ class ScheduledBatch:
     pool_writes: tuple[PoolWrite, ...]
     preempted: tuple[Request, ...]
     swaps: tuple[SwapOp, ...] = ()  # KV moves to run, in order, before this batch's forward
+    freed_slots: tuple[int, ...] = ()  # token-pool slots given back since the previous batch
 
     @property
     def num_tokens(self) -> int:

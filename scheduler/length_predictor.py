@@ -34,6 +34,7 @@ class LengthPredictor:
         self.bias = math.log1p(prior_tokens)  # before any finish, every request looks the same
         self.num_observed = 0
         self.recent: deque[tuple[float, int]] = deque(maxlen=window)  # (predicted at arrival, actual)
+        self._tau: tuple[int, float] = (0, 0.0)  # (num_observed it was computed at, tau)
 
     # -- features -------------------------------------------------------------------------
     def _slot(self, text: str) -> int:
@@ -81,8 +82,19 @@ class LengthPredictor:
         self.num_observed += 1
 
     def kendall_tau(self) -> float:
-        """Kendall's tau-b of (predicted at arrival, actual) over the recent window; 0 if undefined."""
-        return kendall_tau([p for p, _ in self.recent], [a for _, a in self.recent])
+        """Kendall's tau-b of (predicted at arrival, actual) over the recent window; 0 if undefined.
+
+        Cached until the next finish: /metrics and backpressure read it often, from another thread.
+        """
+        seen, tau = self._tau
+        if seen != self.num_observed:
+            pairs = list(self.recent)  # one C-level copy: safe against the engine thread appending
+            tau = kendall_tau([p for p, _ in pairs], [a for _, a in pairs])
+            self._tau = (self.num_observed, tau)
+        return tau
+
+    def metrics(self) -> dict[str, float]:
+        return {"length_predictor_kendall_tau": self.kendall_tau(), "length_predictor_samples": len(self.recent)}
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:

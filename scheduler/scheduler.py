@@ -40,6 +40,7 @@ class Scheduler:
         self.limits = limits
         self.swap = swap  # set: retracted requests' KV goes to host memory instead of being recomputed
         self._swaps: list[SwapOp] = []  # for the next launched batch
+        self._freed_slots: list[int] = []  # likewise: the token pool re-poisons them in debug mode
         self.clock = clock
         self.policy = policy
         cache = kv.prefix_cache
@@ -237,7 +238,9 @@ class Scheduler:
         seqs.sort(key=lambda s: s.num_tokens != 1)  # decodes first; stable keeps policy order
         num_decodes = sum(1 for s in seqs if s.num_tokens == 1)
         swaps, self._swaps = tuple(self._swaps), []
-        return ScheduledBatch(next(self._step_ids), tuple(seqs), num_decodes, tuple(writes), tuple(preempted), swaps)
+        freed, self._freed_slots = tuple(self._freed_slots), []
+        return ScheduledBatch(next(self._step_ids), tuple(seqs), num_decodes, tuple(writes), tuple(preempted), swaps,
+                              freed)
 
     # -- leaving --------------------------------------------------------------------------
     def _preempt(self, req: Request, retract: bool = False) -> None:
@@ -302,6 +305,7 @@ class Scheduler:
         known = req.known_token_ids() if self.kv.prefix_cache is not None else None
         self.kv.free(req.request_id, known[: req.num_computed_tokens] if known is not None else None)
         self.slots.free([req.slot])
+        self._freed_slots.append(req.slot)
         req.slot = None
 
     def check_integrity(self) -> None:

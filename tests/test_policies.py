@@ -11,6 +11,7 @@ import random
 import statistics
 
 import pytest
+from structlog.testing import capture_logs
 
 from memory import DynamicReservation, KVCacheManager
 from scheduler import (
@@ -29,6 +30,8 @@ from scheduler.policies import (
     PriorityPolicy,
     StaticBatchPolicy,
 )
+from scheduler.policy import SchedulerLoad
+from scheduler.request import RequestStatus
 
 
 class Clock:
@@ -46,6 +49,9 @@ class Oracle:
         self.lengths = lengths
         self.observed: list[str] = []
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def predict(self, r: Request) -> float:
         return float(self.lengths[r.request_id])
 
@@ -53,9 +59,11 @@ class Oracle:
         self.observed.append(r.request_id)
 
 
-def make(policy, max_seqs=8, budget=64, pages=256, page_size=4) -> Scheduler:
+def make(policy, max_seqs=8, budget=64, pages=256, page_size=4, clock=None) -> Scheduler:
     kv = KVCacheManager(pages, page_size, DynamicReservation(beta=0.0))
-    return Scheduler(SchedulerLimits(max_seqs, budget, 1024), policy, kv)
+    if clock is None:
+        return Scheduler(SchedulerLimits(max_seqs, budget, 1024), policy, kv)
+    return Scheduler(SchedulerLimits(max_seqs, budget, 1024), policy, kv, clock=clock)
 
 
 def req(rid, n_prompt=4, max_new=4, t=0.0, priority=0, tenant=None, prompt=None) -> Request:
@@ -102,7 +110,7 @@ class Run:
             self.once()
             assert self.step < max_steps, "did not finish"
         self.s.check_integrity()
-        assert self.s.kv.num_free_pages == self.s.kv.total_pages
+        assert self.s.kv.num_available_pages == self.s.kv.total_pages
         return self
 
 
@@ -212,6 +220,43 @@ def test_priority_aging_bounds_starvation_under_a_stream_of_urgent_arrivals():
     run.until_idle()
 
 
+def test_priority_aging_ignores_a_levels_own_backlog():
+    """Background overload must not age background work past fresh urgent requests."""
+    clock = Clock()
+    p = PriorityPolicy(aging_s=10, clock=clock)
+    for i in range(50):
+        p.add(req(f"bg{i}", t=0, priority=1))
+    for k in range(20):  # 100 s in which a slot frees every 5 s and the background head takes it
+        clock.now += 5
+        assert p.pop().request_id == f"bg{k}"
+    urgent = req("urgent", t=clock.now, priority=0)
+    p.add(urgent)
+    # By arrival, bg20 would be ten levels more urgent by now; as a head of 0 s it is level 1.
+    assert p.peek() is urgent and p.effective_priority(p._levels[1][0]) == 1
+    clock.now += 10  # both heads waited one period: they keep their order
+    assert p.peek() is urgent
+    p.pop()
+    p.add(req("urgent2", t=clock.now, priority=0))  # a fresh urgent head
+    assert p.peek().request_id == "bg20"  # bg20 waited a period at the head: it competes now, and is older
+
+
+def test_priority_runners_age_from_admission_not_arrival():
+    clock = Clock()
+    p = PriorityPolicy(aging_s=10, clock=clock)
+    bg = req("bg", t=0, priority=1)
+    p.add(bg)
+    clock.now = 100.0
+    assert p.pop() is bg
+    bg.status = RequestStatus.RUNNING
+    clock.now = 101.0
+    p.add(req("u", t=101, priority=0))
+    assert p.preempt_for_waiting([bg]) == [bg]  # it has run 1 s: still level 1, so the urgent one preempts
+    clock.now = 111.0
+    p.pop()  # u got a slot elsewhere; a fresh urgent request arrives
+    p.add(req("u2", t=111, priority=0))
+    assert p.preempt_for_waiting([bg]) == []  # 11 s running: level 0, no longer preemptible by it
+
+
 # -- sjf / srtf ----------------------------------------------------------------------------
 def test_sjf_admits_the_shortest_predicted_first_and_lowers_mean_latency():
     lengths = {"long": 40, "mid": 10, "short": 2}
@@ -297,6 +342,32 @@ def test_predictor_ranks_better_after_learning_from_finished_requests():
     assert pred.kendall_tau() > 0.5  # the reported tau (predictions made at arrival, recent window)
 
 
+def test_sjf_metrics_report_kendall_tau_of_predictions_at_arrival_and_actual_lengths():
+    clock = Clock()
+    policy = make_policy("sjf", clock=clock, priority_aging_s=1e9)
+    assert policy.metrics() == {"length_predictor_kendall_tau": 0.0, "length_predictor_samples": 0}
+    s = make(policy, max_seqs=4)
+    rng = random.Random(1)
+    run = Run(s, clock, {})
+    predicted: dict[str, float] = {}
+    for i in range(60):
+        r, n = synthetic(rng, str(i))
+        r.arrival_time = clock.now
+        s.add(r)
+        predicted[r.request_id] = policy.predictor.predict(r)  # what it says at arrival
+        run.lengths[r.request_id] = n
+        run.once()
+    run.until_idle()
+    m = policy.metrics()
+    done = list(run.finished)
+    assert m["length_predictor_samples"] == 60
+    assert m["length_predictor_kendall_tau"] == kendall_tau([predicted[i] for i in done],
+                                                            [run.lengths[i] for i in done])
+    assert m["length_predictor_kendall_tau"] > 0.3  # it learned something while running
+    assert make_policy("srtf").metrics().keys() == m.keys()
+    assert make_policy("adaptive").metrics().keys() >= m.keys()
+
+
 def test_kendall_tau_basics():
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
@@ -331,6 +402,20 @@ def test_fair_share_lifts_an_idle_tenant_so_it_cannot_bank_credit():
     p.counters["A"] = 500.0
     p.add(req("c0", t=1, tenant="C"))  # C was idle: starts level with the active minimum
     assert p.counters["C"] == 500.0
+
+
+def test_fair_share_lifts_a_tenant_with_nothing_waiting_even_while_it_runs():
+    p = FairSharePolicy()
+    p.add(req("b0", t=0, tenant="B"))
+    p.pop()  # B runs, nothing of B's waits
+    for i in range(3):
+        p.add(req(f"a{i}", t=1, tenant="A"))
+    p.counters["A"] = 900.0  # A has been served a lot meanwhile
+    p.add(req("b1", t=2, tenant="B"))  # B was not backlogged: it cannot have banked A's service as credit
+    assert p.counters["B"] == 900.0
+    assert p.metrics() == {"fair_counter_gap": 0.0, "fair_active_tenants": 2}
+    p.counters["A"] = 950.0
+    assert p.counter_gap() == 50.0
 
 
 def test_fair_share_weights_give_proportional_service():
@@ -380,40 +465,134 @@ def test_static_batches_wait_to_fill_or_time_out_and_count_padding():
     # Batch 1: useful 2+6 prompt + 2+8 output = 18; padded 2 x (6 + 8) = 28. Batch 2 has no padding.
     assert policy.num_batches == 2
     assert policy.padding_tokens == 10 and policy.useful_tokens == 18 + 4
+    assert policy.metrics() == {"static_padding_waste": 10 / 32, "static_batches": 2}
 
 
 # -- adaptive ------------------------------------------------------------------------------
-def test_adaptive_switches_with_hysteresis_and_logs_each_switch():
+def feed(policy: AdaptivePolicy, start: float, end: float, waiting: int, kv: float = 0.1, slots: int = 16,
+         dt: float = 0.1) -> float:
+    """Synthetic loads every ``dt`` seconds over [start, end): what the scheduler reports each step."""
+    t = start
+    while t < end - 1e-9:
+        policy.observe(SchedulerLoad(t, waiting, slots, kv, 0))
+        t = round(t + dt, 6)
+    return t
+
+
+def test_adaptive_switches_at_the_queue_thresholds_after_the_dwell_time():
+    p = AdaptivePolicy()  # 16 slots: high_queue 0.25 = 4 waiting, overload_queue 2.0 = 32
+    t = feed(p, 0, 5, waiting=3)  # 0.19 per slot: inside the band
+    assert p.active == "fcfs"
+    t = feed(p, t, t + 1.0, waiting=4)  # a queue, but for less than dwell_s (1 s) so far
+    assert p.active == "fcfs"
+    t = feed(p, t, t + 0.2, waiting=4)
+    assert p.active == "srtf" and p._sjf.preemptive  # with capacity to spare: preempt for short jobs
+    t = feed(p, t, t + 1.2, waiting=32)
+    assert p.active == "sjf" and not p._sjf.preemptive  # overloaded: no recompute
+    t = feed(p, t, t + 5, waiting=16)  # halved: still the overload band
+    assert p.active == "sjf"
+    t = feed(p, t, t + 1.2, waiting=15)
+    assert p.active == "srtf"
+    t = feed(p, t, t + 9.5, waiting=1)  # calm (1/16 = low_queue), but calming down takes 10 s
+    assert p.active == "srtf"
+    t = feed(p, t, t + 0.7, waiting=1)
+    assert p.active == "fcfs"
+    assert [(a, b) for _, a, b in p.switches] == [("fcfs", "srtf"), ("srtf", "sjf"), ("sjf", "srtf"),
+                                                  ("srtf", "fcfs")]
+    assert p.metrics()["adaptive_policy_switches"] == 4
+
+
+def test_adaptive_does_not_flap_when_load_oscillates_inside_the_hysteresis_band():
+    p = AdaptivePolicy()
+    t = 0.0
+    for _ in range(50):  # between 2 and 3 waiting per 16 slots: above calm, below a queue
+        t = feed(p, t, t + 0.5, waiting=2)
+        t = feed(p, t, t + 0.5, waiting=3)
+    for _ in range(50):  # bursts shorter than the dwell time
+        t = feed(p, t, t + 0.5, waiting=8)
+        t = feed(p, t, t + 0.5, waiting=0)
+    assert p.active == "fcfs" and p.switches == []
+    t = feed(p, t, t + 2, waiting=8)
+    for _ in range(50):  # now in srtf: lulls shorter than the calm dwell do not switch it back
+        t = feed(p, t, t + 4, waiting=0)
+        t = feed(p, t, t + 1, waiting=6)
+    for _ in range(50):  # around the overload threshold (32): in and out faster than the dwell
+        t = feed(p, t, t + 0.6, waiting=40)
+        t = feed(p, t, t + 0.6, waiting=12)
+    assert [(a, b) for _, a, b in p.switches] == [("fcfs", "srtf")]
+
+
+def test_adaptive_reacts_to_kv_usage():
+    p = AdaptivePolicy()
+    t = feed(p, 0, 1.2, waiting=0, kv=0.95)  # memory nearly full: short jobs give pages back soonest
+    assert p.active == "sjf"
+    t = feed(p, t, t + 20, waiting=0, kv=0.8)  # inside the KV band: leaves sjf but does not calm down
+    assert p.active == "srtf"
+    t = feed(p, t, t + 10.2, waiting=0, kv=0.5)
+    assert p.active == "fcfs"
+
+
+def test_adaptive_counts_arrivals_and_sees_a_growing_queue():
     clock = Clock()
-    policy = AdaptivePolicy(clock=clock, low_load=0.5, high_load=2.0, patience=3, priority_window=4)
-    s = make(policy, max_seqs=2)
+    p = AdaptivePolicy(clock=clock)
+    n = 0
+    while clock.now < 25.0:
+        for _ in range(5):  # 5 arrivals and 2 admissions a second: the queue grows
+            p.add(req(f"r{n}", t=clock.now))
+            n += 1
+        p.pop()
+        p.pop()
+        for _ in range(10):
+            p.observe(SchedulerLoad(clock.now, 16, 16, 0.1, 0))  # 16 waiting: half the overload queue
+            clock.now = round(clock.now + 0.1, 6)
+    assert p.signals.arrival_rate == pytest.approx(5.0, rel=0.05)
+    assert p.signals.admission_rate == pytest.approx(2.0, rel=0.05)
+    # Projected one second ahead with the drift: (16 + 3) per 16 slots.
+    assert p.signals.queue_pressure == pytest.approx(19 / 16, rel=0.05)
+    # A queue from the start (srtf); once a whole 20 s window shows arrivals outpacing admissions,
+    # overload (sjf), although the queue itself never reached the overload threshold.
+    assert [(a, b) for _, a, b in p.switches] == [("fcfs", "srtf"), ("srtf", "sjf")]
+    assert 20.0 <= p.switches[1][0] <= 21.5
+    assert p.num_waiting() == n - 2 * 25  # moving the queue between policies lost nothing
+
+
+def test_adaptive_uses_priority_when_priorities_mix_and_logs_every_switch():
+    clock = Clock()
+    p = AdaptivePolicy(clock=clock, priority_window=4)
+    with capture_logs() as logs:
+        for i in range(3):
+            p.add(req(f"bg{i}", t=0, priority=1))
+        p.add(req("vip", t=0.5, priority=0))
+        feed(p, 0, 1.2, waiting=4)
+        assert p.active == "priority" and p.peek().request_id == "vip"
+        for i in range(4):  # the window of arrivals holds one level again
+            p.add(req(f"x{i}", t=2, priority=1))
+        assert [p.pop().request_id for _ in range(8)][:2] == ["vip", "bg0"]  # all admitted: nothing waits
+        feed(p, 1.2, 12.5, waiting=0)
+    assert p.active == "fcfs"
+    switches = [e for e in logs if e["event"] == "schedule policy switch"]
+    assert [(e["old"], e["new"]) for e in switches] == [("fcfs", "priority"), ("priority", "fcfs")]
+    assert all({"queue_pressure", "kv_usage", "arrival_rate", "waiting"} <= e.keys() for e in switches)
+    assert p.metrics()["adaptive_policy_switches"] == 2
+
+
+def test_adaptive_under_a_burst_on_the_real_scheduler():
+    clock = Clock()
+    policy = AdaptivePolicy(clock=clock, dwell_s=2.0, calm_dwell_s=5.0)
+    s = make(policy, max_seqs=2, clock=clock)  # observe() gets the scheduler's clock
     run = Run(s, clock)
     s.add(req("x", max_new=3, t=0))
     for _ in range(5):
         run.once()
-    assert policy.active == "fcfs" and not policy.switches
-    for i in range(12):  # a burst: 10 waiting for 2 slots
-        s.add(req(f"burst{i}", max_new=30, t=clock.now))
-    for _ in range(2):
-        run.once()
-    assert policy.active == "fcfs"  # not yet: a choice must hold for `patience` steps
-    run.once()
-    assert policy.active == "sjf"
-    s.add(req("vip", max_new=3, t=clock.now, priority=-1))
-    for _ in range(4):
-        run.once()
-    assert policy.active == "priority"
-    run.until_idle()
-    for _ in range(4):  # vip is gone but was among the last 4 arrivals: no flapping back
-        run.once()
-    assert policy.active == "priority"
-    for i in range(4):
-        s.add(req(f"calm{i}", max_new=2, t=clock.now))
-    run.until_idle()
-    for _ in range(4):
-        run.once()
     assert policy.active == "fcfs"
-    assert [(a, b) for _, a, b in policy.switches] == [("fcfs", "sjf"), ("sjf", "priority"), ("priority", "fcfs")]
+    for i in range(12):  # 10 waiting for 2 slots: overload
+        s.add(req(f"burst{i}", max_new=2 + i % 5, t=clock.now))
+    run.until_idle()
+    for _ in range(8):
+        run.once()
+    assert policy.switches[0][1:] == ("fcfs", "sjf")
+    assert policy.active == "fcfs" and len(run.finished) == 13
+    assert policy.metrics()["length_predictor_samples"] == 13  # every finish reached the predictor
 
 
 # -- the engine: no policy changes a request's tokens -------------------------------------
@@ -445,7 +624,7 @@ def test_engine_outputs_do_not_depend_on_policy(tiny_llama_dir, monkeypatch):
             steps += 1
             assert steps < 3000, policy
         core.check_integrity()
-        assert core.scheduler.kv.num_free_pages == core.scheduler.kv.total_pages
+        assert core.scheduler.kv.num_available_pages == core.scheduler.kv.total_pages
         core.close()
         return {rid: tokens(o) for rid, o in outs.items()}
 
@@ -453,53 +632,3 @@ def test_engine_outputs_do_not_depend_on_policy(tiny_llama_dir, monkeypatch):
     assert all(len(t) == 12 for t in reference.values())
     for name in POLICY_NAMES:
         assert run(name) == reference, name
-
-
-# -- the simulator (scripts/simulate.py) --------------------------------------------------
-def load_simulator():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
-    spec = importlib.util.spec_from_file_location("conveyor_simulate", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("kind", ["heavy-tail", "priority", "tenants"])
-def test_simulator_runs_every_policy_to_completion(kind):
-    sim = load_simulator()
-    work = sim.make_workload(kind, 60, rate=20.0, seed=1)
-    limits = SchedulerLimits(8, 512, 4096)
-    for name in POLICY_NAMES:
-        res = sim.simulate(name, work, limits, num_pages=600, static_batch_timeout=0.05)  # integrity checked inside
-        summary = sim.summarize(res, slo_ttft=1.0, slo_tpot=0.05)
-        assert len(res.requests) == 60 and summary["e2e_p50"] > 0, name
-
-
-def test_simulated_and_real_step_counts_agree_on_the_cpu_engine(tiny_llama_dir):
-    from runtime import EngineConfig
-    from runtime.engine_core import EngineCore
-    from tests.conftest import kv_bytes_for_pages
-
-    sim = load_simulator()
-    rng = random.Random(5)
-    work = [sim.SimRequest(str(i), 0.0, tuple(rng.randrange(3, 500) for _ in range(rng.choice([30, 50, 70]))),
-                           n, n) for i, n in enumerate(rng.choice([20, 40, 50]) for _ in range(8))]
-    config = EngineConfig(model=str(tiny_llama_dir), pipeline_depth=1, max_model_len=128, max_num_batched_tokens=32,
-                          max_num_seqs=4, kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 8))  # tight: preempts
-    core = EngineCore(config)
-    core.step_records = []
-    for w in work:
-        params = SamplingParams(temperature=0, max_tokens=w.max_new_tokens, ignore_eos=True)
-        core.add_request(core.inputs.make_request(list(w.prompt), params, request_id=w.request_id))
-    while core.has_work():
-        core.step()
-    core.close()
-    limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, 128)
-    res = sim.simulate("fcfs", work, limits, num_pages=8, page_size=config.block_size)
-    assert core.scheduler.num_preemptions > 0  # the workload exercises recompute, not just batching
-    assert res.steps == len(core.step_records) and res.preemptions == core.scheduler.num_preemptions

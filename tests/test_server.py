@@ -122,11 +122,11 @@ async def wait_until_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
     sched = engine.core.scheduler
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while sched.requests or sched.kv.num_free_pages != sched.kv.total_pages:
+    while sched.requests or sched.kv.num_available_pages != sched.kv.total_pages:
         if loop.time() > deadline:
             raise AssertionError(
                 f"engine not idle after {timeout}s: {len(sched.requests)} requests, "
-                f"{sched.kv.num_free_pages}/{sched.kv.total_pages} pages free"
+                f"{sched.kv.num_available_pages}/{sched.kv.total_pages} pages available"
             )
         await asyncio.sleep(0.005)
     sched.check_integrity()
@@ -269,7 +269,8 @@ async def test_usage_counts_and_stream_matches(tiny: Server, http: aiohttp.Clien
         full = await resp.json()
     n_prompt = prompt_len(tiny.engine, prompt)
     assert full["object"] == "text_completion" and full["model"] == tiny.model
-    assert full["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 7, "total_tokens": n_prompt + 7}
+    assert full["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 7, "total_tokens": n_prompt + 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # shorter than one KV page
     assert full["choices"][0]["finish_reason"] == "length"
 
     async with http.post(tiny.url + "/v1/completions",
@@ -390,6 +391,50 @@ async def test_metrics_move(tiny: Server, http: aiohttp.ClientSession) -> None:
         assert (gauge, ()) in after
     assert after[("conveyor:engine_alive", ())] == 1
     await wait_until_idle(tiny.engine)
+
+
+async def test_a_repeated_prompt_is_served_from_the_prefix_cache(tiny: Server, http: aiohttp.ClientSession) -> None:
+    before = await metrics(http, tiny)
+    body = {"prompt": list(range(5, 45)), "max_tokens": 3, "ignore_eos": True}  # 40 tokens: 2 whole pages
+    usages = []
+    for _ in range(2):
+        async with http.post(tiny.url + "/v1/completions", json=body) as resp:
+            usages.append((await resp.json())["usage"])
+    after = await metrics(http, tiny)
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usages[1]["prompt_tokens_details"] == {"cached_tokens": 32}
+    hits = after[("conveyor:prefix_cache_hits_total", ())] - before.get(("conveyor:prefix_cache_hits_total", ()), 0)
+    queries = after[("conveyor:prefix_cache_queries_total", ())] - before.get(("conveyor:prefix_cache_queries_total", ()), 0)
+    assert hits == 32 and queries == 80
+    assert after[("conveyor:kv_pages", (("state", "cached"),))] >= 2
+    assert after[("conveyor:kv_pages", (("state", "used"),))] == 0
+    assert ("conveyor:reservation_beta", ()) in after and ("conveyor:num_retractions_total", ()) in after
+    await wait_until_idle(tiny.engine)
+
+
+async def test_metrics_show_the_sjf_predictors_kendall_tau(tiny_model_dir: Path,
+                                                         http: aiohttp.ClientSession) -> None:
+    from scheduler.length_predictor import kendall_tau
+
+    engine = await AsyncEngine.create(EngineConfig(model=str(tiny_model_dir), max_model_len=TINY_MAX_LEN,
+                                                   kv_cache_memory=8 << 20, schedule_policy="sjf"))
+    server = await start_server(engine, ServerSettings())
+    try:
+        before = await metrics(http, server)
+        assert before[("conveyor:length_predictor_samples", ())] == 0
+        for n in (2, 5, 3, 7):  # one after another, so each finishes (by length) before the next arrives
+            async with http.post(server.url + C, json={"prompt": [5, 6, 7], "max_tokens": n, "ignore_eos": True}) as r:
+                assert r.status == 200
+        await wait_until_idle(engine)
+        after = await metrics(http, server)
+        pairs = list(engine.core.scheduler.policy.predictor.recent)  # (predicted at arrival, actual)
+        assert [actual for _, actual in pairs] == [2, 5, 3, 7]
+        assert after[("conveyor:length_predictor_samples", ())] == 4
+        tau = after[("conveyor:length_predictor_kendall_tau", ())]
+        assert tau == pytest.approx(kendall_tau([p for p, _ in pairs], [a for _, a in pairs])) and tau > 0
+    finally:
+        await server.runner.cleanup()
+        await engine.shutdown()
 
 
 async def test_one_log_line_per_finished_request(tiny: Server, http: aiohttp.ClientSession) -> None:
@@ -629,7 +674,7 @@ async def test_disconnect_mid_stream_frees_pages(tiny: Server, tiny_no_cancel: S
         seen += 1
         if seen == 3:
             break
-    assert len(sched.requests) == 1 and sched.kv.num_free_pages < sched.kv.total_pages
+    assert len(sched.requests) == 1 and sched.kv.num_available_pages < sched.kv.total_pages
     with capture_logs() as logs, count_steps(server.engine) as steps:
         resp.close()  # drops the connection mid-stream
         await wait_until_idle(server.engine)

@@ -74,7 +74,7 @@ class ServerState:
             raise ApiError(503, "The server is shutting down.", code="shutting_down", headers=retry)
         if not self.engine.is_alive:
             raise ApiError(503, "The engine is not running.", code="engine_dead", headers=retry)
-        waiting = max(self.engine.stats().num_waiting, len(self.inflight.unstarted))
+        waiting = max(self.engine.num_waiting(), len(self.inflight.unstarted))
         if waiting >= self.settings.max_waiting_requests:
             raise ApiError(429, f"Too many requests waiting ({waiting}); retry later.", code="queue_full",
                            headers=retry)

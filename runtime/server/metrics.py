@@ -40,6 +40,28 @@ class _EngineCollector(Collector):
                                   "Time the device sat idle between consecutive batches (the overlap gap).",
                                   stats.device_idle_s)
         yield GaugeMetricFamily("conveyor:engine_alive", "1 while the engine loop runs.", int(self.engine.is_alive))
+        # KV memory: where the pages are, how bold admission is, what the prefix cache saves.
+        pages = GaugeMetricFamily("conveyor:kv_pages", "KV pages by state: total; used (held by requests); "
+                                  "promised (used + promised at admission, not grown into yet); cached (prefix "
+                                  "cache, locked or evictable).", labels=["state"])
+        for state, n in (("total", stats.kv_pages_total), ("used", stats.kv_pages_used),
+                         ("promised", stats.kv_pages_promised), ("cached", stats.kv_pages_cached)):
+            pages.add_metric([state], n)
+        yield pages
+        yield GaugeMetricFamily("conveyor:reservation_beta", "Share of max_tokens promised at admission.",
+                                stats.reservation_beta)
+        yield CounterMetricFamily("conveyor:num_retractions", "Preemptions because the KV pool ran dry.",
+                                  stats.num_retractions)
+        yield CounterMetricFamily("conveyor:prefix_cache_queries", "Prompt tokens admitted (computed or cached).",
+                                  stats.prefill_tokens + stats.prefix_hit_tokens)
+        yield CounterMetricFamily("conveyor:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                  stats.prefix_hit_tokens)
+        yield CounterMetricFamily("conveyor:num_swapped_out", "Retracted requests whose KV went to host memory.",
+                                  stats.num_swapped_out)
+        # The scheduling policy's own numbers (SJF's predictor tau, adaptive's switches, fair's
+        # counter gap), one gauge each: a policy adds a metric by returning another key.
+        for key, value in stats.policy_metrics.items():
+            yield GaugeMetricFamily(f"conveyor:{key}", f"Scheduling policy metric {key}.", value)
 
 
 class ServerMetrics:

@@ -9,13 +9,14 @@ from scheduler.length_predictor import LengthPredictor
 from scheduler.policies.adaptive import AdaptivePolicy
 from scheduler.policies.fair import FairSharePolicy
 from scheduler.policies.fifo import FIFOPolicy
+from scheduler.policies.lpm import LPMPolicy
 from scheduler.policies.priority import PriorityPolicy
 from scheduler.policies.round_robin import RoundRobinPolicy
 from scheduler.policies.sjf import SJFPolicy, SRTFPolicy
 from scheduler.policies.static import StaticBatchPolicy
 from scheduler.policy import FCFSPolicy, SchedulingPolicy
 
-POLICY_NAMES = ("fcfs", "fifo", "static", "priority", "sjf", "srtf", "fair", "round-robin", "adaptive")
+POLICY_NAMES = ("fcfs", "fifo", "static", "priority", "sjf", "srtf", "fair", "round-robin", "adaptive", "lpm")
 
 
 def build(name: str, *, priority_aging_s: float = 30.0, static_batch_size: int = 8,
@@ -39,12 +40,14 @@ def build(name: str, *, priority_aging_s: float = 30.0, static_batch_size: int =
         return FairSharePolicy(tenant_weights=tenant_weights)
     if name == "round-robin":
         return RoundRobinPolicy(round_robin_time_slice)
+    if name == "lpm":
+        return LPMPolicy()
     if name == "adaptive":
         return AdaptivePolicy(priority_aging_s, clock)
     raise ValueError(f"unknown schedule policy {name!r}: expected one of {', '.join(POLICY_NAMES)}")
 
 
 __all__ = [
-    "POLICY_NAMES", "AdaptivePolicy", "FIFOPolicy", "FairSharePolicy", "PriorityPolicy", "RoundRobinPolicy",
-    "SJFPolicy", "SRTFPolicy", "StaticBatchPolicy", "build",
+    "POLICY_NAMES", "AdaptivePolicy", "FIFOPolicy", "FairSharePolicy", "LPMPolicy", "PriorityPolicy",
+    "RoundRobinPolicy", "SJFPolicy", "SRTFPolicy", "StaticBatchPolicy", "build",
 ]

@@ -5,9 +5,12 @@ Each tenant has a counter of the service it has received: ``input_weight`` per p
 (charged as lengths advance, seen every step in ``order_running``), divided by the tenant's
 weight. The tenant with the smallest counter is served next, FCFS inside a tenant.
 
-Counters are lifted on arrival: a tenant that had nothing queued or running starts at no less
-than the smallest counter among active tenants, so time spent idle cannot be banked as credit
-and later spent starving everyone else.
+Counters are lifted on arrival, as in VTC: a tenant with nothing waiting starts at no less than
+the smallest counter among the tenants that have requests waiting (or, if none does, among those
+running), so service it did not ask for cannot be banked as credit and later spent starving
+everyone else. "Nothing waiting" rather than "idle": a light tenant whose few requests are all
+running is not backlogged either, and without the lift its counter would fall ever further
+behind a heavy tenant's, a gap it could later cash in a burst.
 """
 
 from __future__ import annotations
@@ -56,10 +59,12 @@ class FairSharePolicy(SchedulingPolicy):
     # -- the waiting queue ----------------------------------------------------------------
     def add(self, request: Request) -> None:
         t = tenant_of(request)
-        if not self._is_active(t):
-            active = [c for u, c in self.counters.items() if u != t and self._is_active(u)]
-            if active:
-                self.counters[t] = max(self.counters.get(t, 0.0), min(active))
+        if not self._queues.get(t):
+            others = [u for u in self.counters if u != t]
+            reference = [self.counters[u] for u in others if self._queues.get(u)] or \
+                [self.counters[u] for u in others if self._is_active(u)]
+            if reference:
+                self.counters[t] = max(self.counters.get(t, 0.0), min(reference))
         self.counters.setdefault(t, 0.0)
         self._queues.setdefault(t, deque()).append(request)
 
@@ -116,3 +121,13 @@ class FairSharePolicy(SchedulingPolicy):
             self._running[tenant_of(request)] -= 1
         self._charge_outputs(request)
         self._charged_outputs.pop(request.request_id, None)
+
+    def counter_gap(self) -> float:
+        """Largest difference between the counters of tenants with work (waiting or running): what
+        the lift on arrival and serving the smallest counter first keep bounded."""
+        active = [c for t, c in list(self.counters.items()) if self._is_active(t)]
+        return max(active) - min(active) if active else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        active = sum(1 for t in list(self.counters) if self._is_active(t))
+        return {"fair_counter_gap": self.counter_gap(), "fair_active_tenants": active}

@@ -49,7 +49,9 @@ class SJFPolicy(SchedulingPolicy):
 
     def predicted_remaining(self, r: Request) -> float:
         # Once a request outlives its prediction, it is treated as nearly done rather than as
-        # negative work: it has the least left to lose and should not be preempted.
+        # negative work: it has the least left to lose and should not be preempted. (Treating it
+        # as probably long instead, the lognormal mean residual life, measured worse under
+        # overload: requests preempted late lose their progress and then wait out the aging.)
         return max(1.0, self.predicted_length(r) - r.num_launched_outputs)
 
     def score(self, r: Request, now: float) -> float:
@@ -121,6 +123,9 @@ class SJFPolicy(SchedulingPolicy):
         # An abort's length says nothing about how long the answer would have been.
         if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.predictor.observe(request, len(request.output_token_ids), predicted)
+
+    def metrics(self) -> dict[str, float]:
+        return self.predictor.metrics()
 
 
 class SRTFPolicy(SJFPolicy):

@@ -109,3 +109,6 @@ class StaticBatchPolicy(SchedulingPolicy):
             self._unfinished.discard(request.request_id)
             if not self._unfinished:
                 self._close_batch()
+
+    def metrics(self) -> dict[str, float]:
+        return {"static_padding_waste": self.padding_waste, "static_batches": self.num_batches}
