@@ -165,6 +165,22 @@ class KVCacheManager:
     def holds(self, request_id: str) -> bool:
         return request_id in self.page_tables
 
+    def _check_locks(self, cache: RadixCache) -> None:
+        """Every node's lock count is the number of requests whose lock path runs through it, and
+        every cached page a request reads lies on that path (so eviction cannot take it)."""
+        expected: dict[int, int] = {}
+        for rid, node in self._locks.items():
+            path: set[int] = set()
+            while node is not cache.root:
+                expected[id(node)] = expected.get(id(node), 0) + 1
+                path.update(node.pages)
+                node = node.parent  # type: ignore[assignment]
+            if not self._cached[rid] <= path:
+                raise IntegrityError(f"request {rid} reads cached pages its lock does not cover")
+        for node in cache.nodes():
+            if node is not cache.root and node.lock_ref != expected.get(id(node), 0):
+                raise IntegrityError("a radix node's lock count disagrees with the requests holding locks")
+
     def check_integrity(self) -> None:
         try:
             self.allocator.check()
@@ -183,6 +199,8 @@ class KVCacheManager:
         for rid, cached in self._cached.items():
             if not cached <= tree:
                 raise IntegrityError(f"request {rid} reads a cached page the cache no longer holds")
+        if self.prefix_cache is not None:
+            self._check_locks(self.prefix_cache)
         if self.num_outstanding_pages != sum(self._outstanding(rid) for rid in self.page_tables):
             raise IntegrityError("the outstanding-promise count drifted")
         if len(private) + len(tree) != self.allocator.num_in_use:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -178,7 +178,7 @@ class RadixCache:
     def evict(self, num_pages: int) -> list[int]:
         """Drop unlocked leaves, least recently used first, until ``num_pages`` pages are freed
         (or nothing evictable is left); returns the freed pages."""
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if n.is_leaf and n.lock_ref == 0]
+        leaves = [(n.last_access, id(n), n) for n in self.nodes() if n.is_leaf and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed: list[int] = []
         while leaves and len(freed) < num_pages:
@@ -192,7 +192,7 @@ class RadixCache:
                 heapq.heappush(leaves, (parent.last_access, id(parent), parent))
         return freed
 
-    def _nodes(self):
+    def nodes(self) -> Iterator[RadixNode]:
         stack = [self.root]
         while stack:
             node = stack.pop()
@@ -201,11 +201,11 @@ class RadixCache:
 
     # -- checks ---------------------------------------------------------------------------
     def all_pages(self) -> list[int]:
-        return [p for n in self._nodes() for p in n.pages]
+        return [p for n in self.nodes() for p in n.pages]
 
     def check(self) -> None:
         pages, locked = 0, 0
-        for node in self._nodes():
+        for node in self.nodes():
             if node is self.root:
                 continue
             if node.lock_ref < 0:

@@ -36,8 +36,9 @@ class TokenPool:
     def repoison(self, slots: tuple[int, ...]) -> None:
         """Poison mode: slots given back since the last batch read as unwritten again, so their next
         owner fails on the spot if it reads a position it did not write."""
-        if self.poison and slots:
-            self.ids[list(slots)] = POISON
+        if self.poison:
+            for slot in slots:  # fill_ per row: no index tensor to copy from pageable memory
+                self.ids[slot].fill_(POISON)
 
     def gather(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.ids[slots, positions]

@@ -270,6 +270,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         sched = self.scheduler
         kv = sched.kv
+        used = kv.total_pages - kv.num_available_pages  # read once: the engine thread may move it
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=sched.num_waiting,
@@ -281,8 +282,8 @@ class EngineCore:
             num_retractions=sched.num_retractions,
             reservation_beta=kv.reservation.beta,
             kv_pages_total=kv.total_pages,
-            kv_pages_used=kv.total_pages - kv.num_available_pages,
-            kv_pages_promised=kv.total_pages - kv.num_available_pages + kv.num_outstanding_pages,
+            kv_pages_used=used,
+            kv_pages_promised=used + kv.num_outstanding_pages,
             kv_pages_cached=kv.num_cached_pages,
             prefill_tokens=sched.num_prefill_tokens,
             prefix_hit_tokens=sched.num_prefix_hit_tokens,
@@ -317,6 +318,9 @@ class EngineCore:
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = batch is None and not self._in_flight
+        if batch is None and not self._in_flight and (drops := self.scheduler.take_drops()):
+            assert self.runner.swapper is not None
+            self.runner.swapper.run(drops)  # nothing in flight: the executor is idle
         if not self._in_flight or (batch is not None and len(self._in_flight) < self.pipeline_depth):
             return []
         done = self._in_flight.popleft()

@@ -45,7 +45,8 @@ class Scheduler:
         self.policy = policy
         cache = kv.prefix_cache
         if cache is not None and hasattr(policy, "prefix_len"):  # cache-aware policies (lpm) look up prefixes
-            policy.prefix_len = lambda r: cache.match_len(r.known_token_ids())
+            # As match_prefix: the last token is never served from the cache.
+            policy.prefix_len = lambda r: cache.match_len(r.known_token_ids()[:-1])
         self.kv = kv
         self.slots = IndexAllocator(limits.max_num_seqs)
         self.running: list[Request] = []
@@ -71,7 +72,9 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return self.policy.num_waiting()
+        """Requests neither running nor finished. Two len()s, no iteration over a policy's queues:
+        the server thread reads this while the engine thread changes them."""
+        return len(self.requests) - len(self.running)
 
     # -- the step -------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -180,10 +183,11 @@ class Scheduler:
         self.kv.admit(req.request_id, req.num_tokens, req.remaining_new_tokens, match)
         req.num_computed_tokens = match.num_pages * self.kv.page_size if match else 0
         if req.swapped:
-            req.num_computed_tokens = req.swapped[1]
+            req.num_computed_tokens = req.swapped[1]  # restored from host memory, not a cache hit
+        else:
+            self.num_prefix_hit_tokens += req.num_computed_tokens
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
-        self.num_prefix_hit_tokens += req.num_computed_tokens
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
@@ -199,6 +203,14 @@ class Scheduler:
         self._swaps.append(SwapOp(SwapKind.OUT, handle, tuple(self.kv.page_tables[req.request_id][:pages])))
         req.swapped = (handle, tokens)
         self.num_swapped_out += 1
+
+    def take_drops(self) -> tuple[SwapOp, ...]:
+        """Pending ops if they only free host buffers: an idle engine runs them itself rather than
+        keep the memory until the next batch."""
+        if not self._swaps or any(op.kind is not SwapKind.DROP for op in self._swaps):
+            return ()
+        drops, self._swaps = tuple(self._swaps), []
+        return drops
 
     def _swap_in(self, req: Request) -> None:
         assert self.swap is not None and req.swapped is not None
@@ -277,14 +289,18 @@ class Scheduler:
         else:
             self.policy.remove(req)
             if req.swapped:
-                self._swaps.append(SwapOp(SwapKind.DROP, req.swapped[0]))
+                handle = req.swapped[0]
+                if any(op.handle == handle for op in self._swaps):  # its OUT never ran: cancel it
+                    self._swaps = [op for op in self._swaps if op.handle != handle]
+                else:
+                    self._swaps.append(SwapOp(SwapKind.DROP, handle))
                 assert self.swap is not None
-                self.swap.release(req.swapped[0])
+                self.swap.release(handle)
                 req.swapped = None
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
-        if reason is not FinishReason.ABORT:
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):  # what the request really used
             self.kv.reservation.on_finish(len(req.output_token_ids), req.max_new_tokens)
         del self.requests[req.request_id]
         self.policy.on_finish(req)  # predictors learn lengths; fifo/static/fair release their hold

@@ -31,6 +31,11 @@ class LPMPolicy(FCFSPolicy):
         self._next = max(self._queue, key=self.prefix_len)
         return self._next
 
+    def remove(self, request: Request) -> None:
+        super().remove(request)
+        if self._next is request:
+            self._next = None
+
     def pop(self) -> Request:
         if self._next is None:
             return super().pop()
