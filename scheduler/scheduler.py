@@ -11,6 +11,11 @@ pages at admission and grows pages as it advances. It gives both back
   CPU, the one executor thread), and the new owner's accesses come from batches launched later.
   The preempted request's in-flight samples are dropped by epoch.
 The scheduler never reads a sampled token's value: lengths are enough.
+
+With the prefix cache on, admission starts a request after its longest cached prefix, a launched
+prefill chunk hands its whole pages to the cache, and a leaving request caches the pages whose
+tokens the host knows. With swap preemption, a retracted request's KV moves to host memory and
+back through ``SwapOp``s carried by the next batch, which runs them before its forward.
 """
 
 from __future__ import annotations
@@ -87,11 +92,11 @@ class Scheduler:
         preempted: list[Request] = []
         writes: list[PoolWrite] = []
 
-        # Policy-driven preemption (priority, srtf): when every slot is taken, the policy may name
-        # running requests to give up their slots to more urgent waiting ones. It happens before
-        # the budget is handed out, so a request is never both in this batch and preempted. FCFS
-        # names none. These preemptions do not block admission below: freeing slots for
-        # admission is their whole point, and memory was not short.
+        # Policy-driven preemption (priority, srtf): when every slot is taken, or memory cannot take
+        # the next waiting request, the policy may name running requests to make room for more
+        # urgent waiting ones. It happens before the budget is handed out, so a request is never
+        # both in this batch and preempted. FCFS names none. These preemptions do not block
+        # admission below: making room for admission is their whole point.
         evicted: list[Request] = []
         if self.policy.num_waiting() > 0 and (self.slots.num_free == 0 or not self._fits(self.policy.peek())):
             for victim in self.policy.preempt_for_waiting(list(self.running)):
@@ -169,10 +174,12 @@ class Scheduler:
         return None if req.swapped else self.kv.match_prefix(req.known_token_ids())
 
     def _head_page(self, req: Request) -> tuple[int, ...] | None:
+        """The first page of ``req``'s tokens, if the prefix cache could serve it."""
         ps = self.kv.page_size
         if self.kv.prefix_cache is None or req.swapped or req.num_tokens <= ps:
             return None
-        return tuple(req.prompt_token_ids[:ps]) if req.num_prompt_tokens >= ps else tuple(req.known_token_ids()[:ps])
+        tokens = req.prompt_token_ids if req.num_prompt_tokens >= ps else req.known_token_ids()
+        return tuple(tokens[:ps])
 
     def _fits(self, req: Request | None) -> bool:
         """Whether memory (not slots) would let ``req`` in now."""
