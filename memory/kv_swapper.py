@@ -57,6 +57,8 @@ class KVSwapper:
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):  # after this stream's earlier swap-out of the same buffer
             staged = buf.to(self.device, non_blocking=True)
-        compute.wait_stream(self.stream)
+            copied = torch.cuda.Event()
+            copied.record()
+        compute.wait_event(copied)  # this copy only, not swap-outs queued after it on the side stream
         staged.record_stream(compute)
         self.kv[:, idx] = staged
