@@ -21,11 +21,6 @@ from memory.radix_cache import PrefixMatch, RadixCache, RadixNode
 from memory.reservation import ReservationPolicy
 
 
-# Eviction walks the whole tree to find the least recently used leaves, so once the cache fills
-# the pool it frees at least this many pages at a time instead of one page per request step.
-EVICT_MIN_PAGES = 64
-
-
 class IntegrityError(AssertionError):
     pass
 
@@ -147,7 +142,7 @@ class KVCacheManager:
     def _allocate(self, n: int) -> list[int]:
         short = n - self.allocator.num_free
         if short > 0 and self.prefix_cache is not None:
-            evicted = self.prefix_cache.evict(max(short, EVICT_MIN_PAGES))
+            evicted = self.prefix_cache.evict(short)
             self.num_evicted_pages += len(evicted)
             self.allocator.free(evicted)
         return self.allocator.allocate(n)

@@ -9,6 +9,10 @@ Ownership: a page is free, private to one request, or owned by the tree. A reque
 cached prefix *locks* the node where its match ends; a lock counts on that node and every
 ancestor, and only unlocked leaves are evicted (least recently used first), so pages an
 in-flight batch reads are never handed out again.
+
+Eviction must not walk the tree (it runs on the launch path, and a full cache holds thousands of
+nodes): the evictable leaves are kept in a set, ordered by a heap of (last access, node) entries
+that are pushed whenever a node becomes evictable or is touched, and skipped when stale.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ class RadixCache:
         self._clock = itertools.count(1)
         self.num_pages = 0  # pages the tree owns
         self.num_locked_pages = 0  # of which pages on a locked path (not evictable)
+        self._evictable: set[RadixNode] = set()  # unlocked leaves
+        self._heap: list[tuple[int, int, RadixNode]] = []  # (last_access, tie-break, node); stale ones skipped
+        self._seq = itertools.count()
+
+    def _note(self, node: RadixNode) -> None:
+        """Record whether ``node`` is evictable now, after its lock, children or access time changed."""
+        if node is not self.root and node.is_leaf and node.lock_ref == 0:
+            self._evictable.add(node)
+            heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+            if len(self._heap) > 4 * len(self._evictable) + 1024:  # mostly stale: rebuild
+                self._heap = [e for e in self._heap if self._is_current(e)]
+                heapq.heapify(self._heap)
+        else:
+            self._evictable.discard(node)
+
+    def _is_current(self, entry: tuple[int, int, RadixNode]) -> bool:
+        last_access, _, node = entry
+        return node in self._evictable and node.last_access == last_access
 
     # -- lookups --------------------------------------------------------------------------
     def _page_key(self, tokens: Sequence[int], i: int) -> tuple[int, ...]:
@@ -80,6 +102,7 @@ class RadixCache:
             if n < len(child.pages):
                 child = self._split(child, n)
             child.last_access = now
+            self._note(child)
             pages.extend(child.pages)
             node, i = child, i + n
         return PrefixMatch(node, pages)
@@ -136,11 +159,14 @@ class RadixCache:
                 node.children[new.key[: self.page_size]] = new
                 taken.extend(new.pages)
                 self.num_pages += len(new.pages)
+                self._note(node)  # no longer a leaf
+                self._note(new)
                 return new, taken
             n = self._common_pages(child, tokens, i, n_pages)
             if n < len(child.pages):
                 child = self._split(child, n)
             child.last_access = now
+            self._note(child)
             node, i = child, i + n
         return node, taken
 
@@ -149,6 +175,7 @@ class RadixCache:
         while node is not self.root:
             if node.lock_ref == 0:
                 self.num_locked_pages += len(node.pages)
+                self._evictable.discard(node)
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
 
@@ -159,6 +186,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.num_locked_pages -= len(node.pages)
+                self._note(node)
             node = node.parent  # type: ignore[assignment]
 
     def unlocked_pages_on_path(self, node: RadixNode) -> int:
@@ -178,18 +206,19 @@ class RadixCache:
     def evict(self, num_pages: int) -> list[int]:
         """Drop unlocked leaves, least recently used first, until ``num_pages`` pages are freed
         (or nothing evictable is left); returns the freed pages."""
-        leaves = [(n.last_access, id(n), n) for n in self.nodes() if n.is_leaf and n.lock_ref == 0]
-        heapq.heapify(leaves)
         freed: list[int] = []
-        while leaves and len(freed) < num_pages:
-            _, _, node = heapq.heappop(leaves)
+        while self._heap and len(freed) < num_pages:
+            entry = heapq.heappop(self._heap)
+            if not self._is_current(entry):
+                continue
+            node = entry[2]
+            self._evictable.discard(node)
             parent = node.parent
             assert parent is not None
             del parent.children[node.key[: self.page_size]]
             freed.extend(node.pages)
             self.num_pages -= len(node.pages)
-            if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+            self._note(parent)  # may have become an unlocked leaf
         return freed
 
     def nodes(self) -> Iterator[RadixNode]:
@@ -220,6 +249,9 @@ class RadixCache:
                 raise AssertionError("a node holds more locks than its parent")
             pages += len(node.pages)
             locked += len(node.pages) if node.lock_ref else 0
+        leaves = {n for n in self.nodes() if n is not self.root and n.is_leaf and n.lock_ref == 0}
+        if leaves != self._evictable:
+            raise AssertionError("the prefix cache's evictable-leaf set drifted")
         if pages != self.num_pages or locked != self.num_locked_pages:
             raise AssertionError(f"prefix cache counts drifted: {pages}/{locked} pages/locked, "
                                  f"counted {self.num_pages}/{self.num_locked_pages}")
