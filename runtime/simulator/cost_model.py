@@ -1,0 +1,86 @@
+"""The step-time model: seconds per engine step from its shape, and its least-squares fit to the step
+records of a real engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from runtime.step_stats import StepRecord
+
+
+class CostModel(msgspec.Struct, frozen=True):
+    """Seconds per step: ``base_s + per_token_s * tokens + per_kv_token_s * kv_tokens_read``."""
+
+    base_s: float = 0.006  # launch + reading the weights once
+    per_token_s: float = 2e-5  # compute per query token
+    per_kv_token_s: float = 2e-8  # attention reads of KV (StepRecord.kv_tokens_read: sum of KV lengths)
+
+    def step_s(self, num_tokens: int, kv_tokens_read: int) -> float:
+        return self.base_s + self.per_token_s * num_tokens + self.per_kv_token_s * kv_tokens_read
+
+    @classmethod
+    def parse(cls, text: str) -> CostModel:
+        try:
+            a, b, c = (float(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a,b,c (seconds, s/token, s/kv-token), got {text!r}") from None
+        return cls(a, b, c)
+
+    def r_squared(self, records: Iterable[StepRecord]) -> float:
+        x, y = _design(records)
+        pred = x @ np.array([self.base_s, self.per_token_s, self.per_kv_token_s])
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+
+
+def _design(records: Iterable[StepRecord]) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(1.0, r.num_tokens, r.kv_tokens_read, r.device[1] - r.device[0]) for r in records]
+    if not rows:
+        raise ValueError("no step records to fit")
+    m = np.asarray(rows, dtype=np.float64)
+    return m[:, :3], m[:, 3]
+
+
+def fit_cost_model(records: Iterable[StepRecord]) -> CostModel:
+    """Least squares of device seconds on (1, num_tokens, kv_tokens_read), coefficients kept >= 0.
+
+    A negative coefficient (e.g. KV reads that a CPU's caches hide) would let a simulated step take
+    negative time, so this is non-negative least squares: with three unknowns, the best of the
+    fits over every subset of columns whose coefficients all come out non-negative.
+    """
+    x, y = _design(records)
+    best: tuple[float, np.ndarray] | None = None
+    for mask in range(1, 8):
+        cols = [i for i in range(3) if mask >> i & 1]
+        coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(3)
+        full[cols] = coef
+        sse = float(((x @ full - y) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, full)
+    if best is None:  # every subset went negative: durations do not grow with work at all
+        return CostModel(max(0.0, float(y.mean())), 0.0, 0.0)
+    a, b, c = (float(v) for v in best[1])
+    return CostModel(a, b, c)
+
+
+def load_step_records(path: Path) -> list[StepRecord]:
+    """A JSON array of objects with StepRecord's field names (tuples as 2-element arrays)."""
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list):
+        raise TypeError(f"{path}: expected a JSON array of step records")
+    out = []
+    for i, row in enumerate(rows):
+        missing = [f for f in StepRecord._fields if f not in row]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
+        out.append(StepRecord(**{f: tuple(row[f]) if isinstance(row[f], list) else row[f] for f in StepRecord._fields}))
+    return out
