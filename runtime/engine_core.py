@@ -213,7 +213,7 @@ class EngineCore:
         return TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
 
     def _kv_budget(self, backend: AttentionBackend) -> int:
-        cfg, mcfg = self.config, self.model_config
+        cfg = self.config
         if cfg.kv_cache_memory is not None:
             return cfg.kv_cache_memory
         if self.device.type == "cpu":
