@@ -45,7 +45,7 @@ def drive(config, jobs: list[Job]) -> dict:
     import torch
 
     from runtime.engine_core import EngineCore
-    from scheduler import FinishReason, Request, SamplingParams  # noqa: F401
+    from scheduler import FinishReason, Request, SamplingParams
 
     core = EngineCore(config)
     # Warm up (graphs, allocator) outside the measurement; aborted, so beta learns nothing from them.

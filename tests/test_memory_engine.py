@@ -54,7 +54,7 @@ def test_prefix_caching_changes_no_token_and_skips_shared_prefills(tiny_llama_di
 
 
 def test_a_repeated_prompt_recomputes_only_its_last_partial_page(tiny_llama_dir):
-    prompt = [rng_token for rng_token in range(5, 5 + 40)]  # 2 whole pages + 8 tokens
+    prompt = list(range(5, 45))  # 2 whole pages + 8 tokens
     first, _, _ = run(tiny_llama_dir, [prompt], 8, pages=16)
     llm = LLM(str(tiny_llama_dir), max_model_len=256, kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 16))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
