@@ -43,7 +43,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         q, k = kernels.rope(q, k, positions)
         o = backend.forward(q.contiguous(), k, v, kv_cache, meta)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return kernels.linear(o.reshape(t, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -62,7 +63,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        h = kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj.weight))
+        return kernels.linear(h, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -87,10 +89,10 @@ class DecoderModel(nn.Module):
         # or a stand-in tokenizer for dummy weights) cannot decode the rest, so they are never sampled.
         self.output_vocab = cfg.vocab_size
 
-    def init_kernels(self, max_positions: int) -> None:
+    def init_kernels(self, max_positions: int, linear_tile: int | None = None) -> None:
         """Pick the kernel set for the weights' device (after loading) and build the RoPE tables."""
         device = self.embed_tokens.weight.device
-        self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device)
+        self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device, linear_tile)
 
     @torch.inference_mode()
     def forward(
@@ -119,4 +121,5 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight[: self.output_vocab]).float()
+        assert self.kernels is not None, "call init_kernels() after loading weights"
+        return self.kernels.linear(hidden, weight[: self.output_vocab]).float()

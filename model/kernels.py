@@ -1,6 +1,8 @@
 """Kernel sets behind the decoder: plain torch (CPU, the reference) and FlashInfer (CUDA).
 
-The decoder calls these four methods and nothing else, so the same model code runs both ways.
+The decoder calls these methods and nothing else, so the same model code runs both ways.
+
+``linear_tile``: batch-invariant GEMMs (model.ops.fixed_tile_linear), for ``--batch-invariant``.
 """
 
 from __future__ import annotations
@@ -8,15 +10,26 @@ from __future__ import annotations
 import os
 
 import torch
-
+import torch.nn.functional as F
 
 from model.config import RopeConfig
-from model.ops import RotaryEmbedding, rms_norm, rope_inv_freq, silu_and_mul
+from model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_inv_freq, silu_and_mul
 
 
-class TorchKernels:
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+class _Linear:
+    linear_tile: int | None = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.linear_tile is None:
+            return F.linear(x, weight, bias)
+        return fixed_tile_linear(x, weight, bias, self.linear_tile)
+
+
+class TorchKernels(_Linear):
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str,
+                 linear_tile: int | None = None) -> None:
         self.rotary = RotaryEmbedding(rope, head_dim, max_positions, device)
+        self.linear_tile = linear_tile
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
@@ -35,10 +48,12 @@ class TorchKernels:
         return silu_and_mul(x)
 
 
-class FlashInferKernels:
-    """FlashInfer's fused norm, RoPE and activation kernels (the ones in the sm90 kit)."""
+class FlashInferKernels(_Linear):
+    """FlashInfer's fused norm, RoPE and activation kernels (the ones in the sm90 kit); cuBLAS GEMMs."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str,
+                 linear_tile: int | None = None) -> None:
+        self.linear_tile = linear_tile
         # The CuTe-DSL norm kernels are not in the prebuilt kit; the CUDA ones are.
         os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
         import flashinfer
@@ -74,10 +89,10 @@ class FlashInferKernels:
         return self._fi.silu_and_mul(x)
 
 
-def make_kernels(rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device) -> TorchKernels | FlashInferKernels:
-    if device.type == "cuda":
-        return FlashInferKernels(rope, head_dim, max_positions, device)
-    return TorchKernels(rope, head_dim, max_positions, device)
+def make_kernels(rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device,
+                 linear_tile: int | None = None) -> TorchKernels | FlashInferKernels:
+    kind = FlashInferKernels if device.type == "cuda" else TorchKernels
+    return kind(rope, head_dim, max_positions, device, linear_tile)
 
 
 

@@ -21,6 +21,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def fixed_tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """``F.linear`` whose every GEMM has ``tile`` rows, so a row's result cannot depend on its batch.
+
+    BLAS libraries pick the kernel, and whether to split the K reduction, by the problem's M; a
+    token's logits then change with how many tokens share its step. Cut into fixed-height tiles
+    (the last one zero-padded), every call is the same [tile, K] x [K, N] problem, and a GEMM
+    without data-dependent choices computes each row the same way wherever it sits.
+    """
+    rows, wt = x.shape[0], weight.t()
+    padded = -(-rows // tile) * tile
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    out = x.new_empty(padded, weight.shape[0])
+    for start in range(0, padded, tile):
+        torch.mm(x[start:start + tile], wt, out=out[start:start + tile])
+    out = out[:rows]  # a view: the padding rows' results are never copied
+    return out if bias is None else out + bias
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

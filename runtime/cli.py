@@ -24,6 +24,7 @@ _HELP = {
     "enable_prefix_caching": "reuse KV pages of prompts seen before (radix tree, LRU eviction)",
     "preemption_mode": "when the KV pool runs dry: recompute, or swap the KV to host memory and back",
     "swap_space": "GiB of pinned host memory for swapped-out KV",
+    "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}

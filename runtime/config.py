@@ -24,8 +24,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
     schedule_policy: str = "fcfs"  # fcfs | fifo | static | priority | sjf | srtf | fair | round-robin | adaptive | lpm
-    # Aging: per this many seconds since arrival, one priority level more urgent (priority), or
-    # the predicted length halved (sjf/srtf), so that nothing starves.
+    # Aging (priority): per this many seconds at the head of its level, one level more urgent, so
+    # nothing starves. sjf/srtf age by finished work instead (scheduler/policies/sjf.py).
     priority_aging_s: float = 30.0
     static_batch_size: int = 8  # static: requests per fixed batch
     static_batch_timeout: float = 0.5  # static: seconds the oldest waits before a partial batch starts
@@ -37,6 +37,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     preemption_mode: str = "recompute"  # recompute | swap (KV copied to host memory and back)
     swap_space: float = 4.0  # GiB of pinned host memory for swapped-out KV
     enforce_eager: bool = False  # CUDA: no decode graphs
+    # A request's tokens do not depend on what shares its batches: fixed-tile GEMMs and one unsplit
+    # attention kernel for every row. Slower; for reproducible outputs and tests.
+    batch_invariant: bool = False
     pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
     served_model_name: str | None = None
     tokenizer: str | None = None  # a tokenizer directory; default: the model's own (presets have none)

@@ -44,12 +44,17 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, kv_pool: KVPool, token_pool: TokenPool, staging: PinnedStaging,
-                 max_batch: int, workspace: torch.Tensor) -> None:
+                 max_batch: int, workspace: torch.Tensor, batch_invariant: bool = False) -> None:
         import flashinfer
 
         cfg = model.config
         self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_pool.page_size)
         self.sizes = capture_sizes(max_batch)
+        # Batch-invariant decode: the tensor-core kernel with the KV never split is the same fa2
+        # kernel, bit for bit, as the eager path's pinned prefill plan (measured on an H100), so a
+        # token gets the same attention in a graph, a mixed batch or a recomputed prefill.
+        self.batch_invariant = batch_invariant
+        tensor_cores = batch_invariant or decode_uses_tensor_cores(cfg.num_heads, cfg.num_kv_heads)
         self._graphs: dict[int, _Graph] = {}
         device = kv_pool.data.device
         pool = torch.cuda.graph_pool_handle()
@@ -67,7 +72,7 @@ class DecodeGraphs:
         batch_indices.copy_(torch.arange(batch_indices.shape[0], dtype=torch.int32))
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=decode_uses_tensor_cores(cfg.num_heads, cfg.num_kv_heads),
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
                 paged_kv_indices_buffer=torch.zeros(kv_indices.shape[0], dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device),
@@ -116,7 +121,8 @@ class DecodeGraphs:
     def _plan(self, wrapper, meta: AttentionMetadata) -> None:
         hq, hkv, d, ps = self.heads
         wrapper.plan(meta.kv_indptr_cpu, meta.kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d, ps,
-                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                     disable_split_kv=self.batch_invariant)
 
     def replay(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
         g = self._graphs[bs]

@@ -45,6 +45,9 @@ log = structlog.get_logger("conveyor.engine")
 
 CPU_KV_CACHE_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
+# Rows per GEMM in batch-invariant mode: one tile covers a decode step of up to 256 sequences; a
+# larger tile wastes more on small batches, a smaller one launches more GEMMs per prefill.
+BATCH_INVARIANT_TILE = 256
 STALL_POLL_S = 0.002  # how long a caller waits after a step the policy stalled on purpose
 
 
@@ -126,7 +129,7 @@ class EngineCore:
 
         torch.manual_seed(config.seed)
         self.model = load_model(source, self.dtype, self.device, config.seed)
-        self.model.init_kernels(max_len + 1)
+        self.model.init_kernels(max_len + 1, linear_tile=BATCH_INVARIANT_TILE if config.batch_invariant else None)
         tokenizer_dir = config.tokenizer or source.tokenizer_dir
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         if self.tokenizer is not None:
@@ -175,11 +178,12 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device, config.seed)
         if swap is not None:
             self.runner.swapper = KVSwapper(self.kv_pool)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self._uses_graphs:
             from runtime.cuda_graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.model, self.kv_pool, self.token_pool, staging,
-                                              min(config.max_num_seqs, MAX_GRAPH_BATCH), backend.workspace)
+                                              min(config.max_num_seqs, MAX_GRAPH_BATCH), backend.workspace,
+                                              batch_invariant=config.batch_invariant)
         self.pipeline_depth = config.pipeline_depth
         self.executor: CpuExecutor | CudaExecutor = (
             CudaExecutor(self.runner, self.device, config.max_num_seqs, config.pipeline_depth)
@@ -203,13 +207,17 @@ class EngineCore:
             kv_pages=self.kv_pool.usable_pages, block_size=config.block_size, max_model_len=max_len,
         )
 
+    @property
+    def _uses_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager
+
     def _make_attention_backend(self) -> TorchPagedAttention | FlashInferAttention:
         mcfg = self.model_config
         if self.device.type == "cuda":
             from model.attention.flashinfer_backend import FlashInferAttention
 
             return FlashInferAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.config.block_size,
-                                       self.device)
+                                       self.device, batch_invariant=self.config.batch_invariant)
         return TorchPagedAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim)
 
     def _kv_budget(self, backend: AttentionBackend) -> int:
@@ -221,7 +229,7 @@ class EngineCore:
         peak = self._profile_forward(backend)
         free, total = torch.cuda.mem_get_info(self.device)
         graphs = 0
-        if not cfg.enforce_eager:
+        if self._uses_graphs:
             from runtime.cuda_graphs import capture_sizes
 
             # Each captured graph keeps its own fp32 logits output alive.

@@ -83,11 +83,12 @@ def workload(model_dir) -> tuple[list, dict[int, list[str]]]:
     return reqs, {2: ["abort-early"], 9: ["abort-late"]}
 
 
-def test_depths_agree_with_late_finishes_aborts_chunking_and_preemption(tiny_chat_dir):
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_depths_agree_with_late_finishes_aborts_chunking_and_preemption(tiny_chat_dir, batch_invariant):
     reqs, aborts = workload(tiny_chat_dir)
     results = {}
     for depth in (1, 2, 3):
-        core = make_core(tiny_chat_dir, depth)
+        core = make_core(tiny_chat_dir, depth, batch_invariant=batch_invariant)
         streams = drive(core, reqs, aborts)
         assert core.scheduler.num_preemptions > 0, "the workload must exercise preemption"
         results[depth] = streams

@@ -28,6 +28,8 @@ from scheduler.policies import (
     AdaptivePolicy,
     FairSharePolicy,
     PriorityPolicy,
+    SJFPolicy,
+    SRTFPolicy,
     StaticBatchPolicy,
 )
 from scheduler.policy import SchedulerLoad
@@ -291,32 +293,93 @@ def test_srtf_preempts_a_long_runner_for_a_short_arrival_and_sjf_does_not():
         assert (run.finished["short"] < run.finished["long"]) is preempts, name
 
 
-def test_srtf_ranks_running_requests_by_predicted_remaining_tokens():
+def test_srtf_ranks_running_requests_by_remaining_tokens_when_predictions_are_exact():
     lengths = {"a": 30, "b": 5, "c": 12}
-    p = make_policy("srtf", predictor=Oracle(lengths), priority_aging_s=1e9)
+    p = SRTFPolicy(Oracle(lengths), prior_sigma=0.0)  # no spread: the Gittins rank is the remaining tokens
     rs = [req(rid, max_new=64) for rid in lengths]
     rs[0].num_tokens += 28  # a has produced 28 of its 30: 2 left, the least
     assert [r.request_id for r in p.order_running(rs)] == ["a", "b", "c"]
     assert p.victim(rs).request_id == "c"
 
 
-def test_sjf_aging_bounds_how_long_a_long_job_waits():
-    lengths = {"long": 30}
+def test_srtf_does_not_trust_an_uncertain_prediction_that_a_request_is_nearly_done():
+    lengths = {"a": 30, "b": 5, "c": 12}
+    p = SRTFPolicy(Oracle(lengths), prior_sigma=0.75)  # predictions off by e^0.75 ~ 2x either way
+    rs = [req(rid, max_new=64) for rid in lengths]
+    rs[0].num_tokens += 28
+    # a is at its median: as likely to run on as to stop, so it ranks near its full prediction.
+    assert [r.request_id for r in p.order_running(rs)] == ["b", "c", "a"]
+    rs[0].num_tokens += 200  # far past it: probably one of the long ones, so its rank grows
+    assert p.predicted_remaining(rs[0]) > 1.5 * 30
+
+
+def test_sjf_measures_the_predictors_spread_from_its_finishes():
+    lengths = {str(i): 10 + i for i in range(30)}
+    p = SJFPolicy(Oracle(lengths), prior_sigma=0.75, min_sigma_samples=20)
+    s = make(p, max_seqs=4)
+    for rid in lengths:
+        s.add(req(rid, max_new=64))
+    Run(s, Clock(), lengths).until_idle()
+    assert p.sigma() == 0.0  # the oracle is never wrong
+    assert p.finished_tokens == sum(lengths.values()) and p.num_finished == 30
+
+
+def short_stream_until_admitted(policy: SJFPolicy, steps: int = 300) -> tuple[Run, float]:
+    """"first" (2 tokens) holds the only slot, "long" (30) waits, and a 2-token job arrives every step."""
+    lengths = policy.predictor.lengths  # the Oracle's: it learns each short's length as it is sent
+    lengths.update(first=2, long=30)
     clock = Clock()
-    s = make(make_policy("sjf", predictor=Oracle(lengths), clock=clock, priority_aging_s=5), max_seqs=1)
-    lengths["first"] = 2
+    s = make(policy, max_seqs=1)
+    s.add(req("first", max_new=64, t=0))
     s.add(req("long", max_new=64, t=0))
-    s.add(req("first", max_new=64, t=0))  # occupies the slot first
+    deadline = policy._deadline["long"]
     run = Run(s, clock, lengths)
-    for i in range(200):  # a fresh 2-token job every step
+    for i in range(steps):
         lengths[f"s{i}"] = 2
         s.add(req(f"s{i}", max_new=64, t=clock.now))
         run.once()
         if "long" in run.admitted:
             break
-    # The backlog ages too (its head arrived about half-way); "long" wins once shorts arriving
-    # 5 * log2(30 / 2) ~ 20 s after it are at the head: about step 40.
-    assert "long" in run.admitted and run.step < 60
+    return run, deadline
+
+
+def test_sjf_aging_promotes_a_long_job_once_its_fcfs_wait_is_exceeded_by_the_slack():
+    policy = SJFPolicy(Oracle({}), wait_factor=1.25, wait_slack_jobs=2.0, prior_sigma=0.0)
+    run, deadline = short_stream_until_admitted(policy)
+    # Work ahead of "long" at arrival: "first", 2 tokens. Deadline: 1.25 * 2 + 2 jobs * 30 tokens (its own
+    # prediction stands in for the mean before anything finished) = 62.5 finished tokens, i.e. 32 shorts.
+    assert deadline == pytest.approx(62.5)
+    assert "long" in run.admitted
+    assert deadline <= policy.finished_tokens < deadline + 2 * 2  # admitted as soon as it was promoted
+    # Without aging the stream of shorter jobs starves it.
+    starved, _ = short_stream_until_admitted(SJFPolicy(Oracle({}), wait_slack_jobs=1e9))
+    assert "long" not in starved.admitted
+
+
+def test_sjf_deadline_grows_with_the_work_ahead_and_promoted_requests_go_first_unpreempted():
+    lengths = {"a": 100, "b": 5, "c": 5}
+    p = SRTFPolicy(Oracle(lengths), wait_factor=1.0, wait_slack_jobs=0.0, prior_sigma=0.0)
+    a, b, c = (req(rid, max_new=256, t=i) for i, rid in enumerate(lengths))
+    p.add(a)  # an empty engine: FCFS would start it now, so with no slack it is promoted at once
+    p.add(b)  # behind a's 100 tokens
+    p.add(c)  # behind a's 100 and b's 5
+    assert [p._deadline[r.request_id] for r in (a, b, c)] == [0.0, 100.0, 105.0]
+    assert p.is_promoted(a) and not p.is_promoted(b)
+    assert [r.request_id for r in p.waiting()] == ["a", "b", "c"]  # promoted first, though longest
+    assert p.pop() is a
+    assert p.preempt_for_waiting([a]) == []  # b is 20x shorter, but a promoted request is never preempted
+    p.finished_tokens = 100  # a's work is done (as on_finish counts it): b is promoted, c not yet
+    assert p.is_promoted(b) and not p.is_promoted(c)
+    # An unpromoted runner is preempted for a waiter whose rank is preempt_ratio times smaller.
+    p2 = SRTFPolicy(Oracle(lengths), wait_slack_jobs=1e9, prior_sigma=0.0)
+    x = req("a", max_new=256)
+    p2.add(x)
+    assert p2.pop() is x
+    x.num_tokens += 10  # running, 90 left
+    p2.add(req("b", max_new=256, t=1))
+    assert [r.request_id for r in p2.preempt_for_waiting([x])] == ["a"]  # 5 * 1.3 < 90
+    x.num_tokens += 86  # 4 left: b (5) no longer outranks it by the margin
+    assert p2.preempt_for_waiting([x]) == []
 
 
 # -- predictor -----------------------------------------------------------------------------

@@ -205,3 +205,28 @@ def test_cli_scenario_json(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert "=== scenario static ===" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert {c["name"] for c in data["static"]["checks"]} >= {"continuous / static output throughput"}
+
+
+def test_real_engine_mode_replays_a_scenario_through_the_cpu_engine(tiny_llama_dir):
+    """--engine real: the sjf scenario's workload on EngineCore (wall clock), summarised and checked."""
+    from runtime import EngineConfig
+    from runtime.simulator.real import RealRunner
+    from runtime.simulator.scenarios import scenario_sjf
+
+    runner = RealRunner(EngineConfig(model=str(tiny_llama_dir), device="cpu", pipeline_depth=2), output_scale=0.01)
+    work = merge_streams([Stream(50.0, 12)], seed=3)
+    res = runner("srtf", work, SimConfig(max_num_seqs=2))
+    want = {w.request_id: max(1, round(w.output_len * 0.01)) for w in work}
+    assert len(res.requests) == len(work) and res.steps > 0
+    # Every request got exactly its drawn length (stopped by the driver, not by max_tokens).
+    assert sorted(r.output_len for r in res.requests) == sorted(want.values())
+    assert all(r.e2e >= r.ttft >= 0 for r in res.requests)
+    # STOP finishes reach the predictor (the untimed warm-up requests too, which finish by length)
+    assert res.metrics["length_predictor_samples"] == len(work) + runner.warmup
+    ctx = ScenarioContext(SimConfig(max_num_seqs=4), seed=0, scale=0.005, queue_bound_seqs=(), real=runner)
+    rep = scenario_sjf(ctx, loads=(0.9,))
+    (title, table), = rep.tables.items()
+    assert set(table) == {"fcfs", "sjf", "srtf"} and "of capacity" in title
+    assert all(row["e2e_mean"] > 0 for row in table.values())
+    assert len(rep.checks) == 6 and all(math.isfinite(c.value) for c in rep.checks)
+    assert runner.step_records  # what --fit-records can fit a cost model to

@@ -8,6 +8,10 @@ to the device asynchronously. If plan N+1 rewrote that buffer before plan N's co
 would run with N+1's schedule (mini-sglang #103, vllm #40756). So every plan records an event
 after its copy, and the next plan on that wrapper waits for it: almost always already complete,
 since the device is at most a batch or two behind.
+
+Batch-invariant mode (``--batch-invariant``) sends every row, decode or prefill, through one fa2
+prefill kernel configuration with the KV never split, so a token's attention output is the same
+bits whatever else shares its step and however its prompt was chunked; see ``pin_query_tile``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,29 @@ def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
                                      meta.kv_indptr, meta.kv_last_page_len, kv_layout="NHD")
 
 
+# FlashInfer's fa2 planner picks the query tile from the batch's mean packed query length (query
+# tokens x GQA group): 16 rows at a mean <= 16, else 64 or 128. Each tile height is a different kernel
+# with a different split of the KV loop across warps, so the same query gets different bits.
+INVARIANT_QUERY_TILE = 16
+
+
+def pin_query_tile(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, last_page_len: torch.Tensor,
+                   group: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad a prefill plan with empty requests until its mean packed query length is at most 16.
+
+    A padding request has no query rows and no pages (last page "full", so its KV length is 0):
+    the planner counts it in the mean, and the kernel gives it no tiles. Host int32 tensors in, out.
+    """
+    batch = qo_indptr.shape[0] - 1
+    rows = int(qo_indptr[-1])
+    pad = max(0, -(-rows * group // INVARIANT_QUERY_TILE) - batch)
+    if pad == 0:
+        return qo_indptr, kv_indptr, last_page_len
+    return (torch.cat([qo_indptr, qo_indptr[-1:].expand(pad)]),
+            torch.cat([kv_indptr, kv_indptr[-1:].expand(pad)]),
+            torch.cat([last_page_len, torch.full((pad,), page_size, dtype=last_page_len.dtype)]))
+
+
 class PlanFence:
     """Orders a wrapper's plan() calls after the device has consumed the previous plan's staging."""
 
@@ -53,15 +80,17 @@ class PlanFence:
 
 class FlashInferAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 device: torch.device, workspace: torch.Tensor | None = None) -> None:
+                 device: torch.device, workspace: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
         import flashinfer
 
         self.num_heads, self.num_kv_heads, self.head_dim, self.page_size = num_heads, num_kv_heads, head_dim, page_size
+        self.batch_invariant = batch_invariant
         self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
                                                                              device=device)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=decode_uses_tensor_cores(num_heads, num_kv_heads), backend="fa2")
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend="fa2" if batch_invariant else "auto")
         self._decode_fence, self._prefill_fence = PlanFence(), PlanFence()
         self._meta: AttentionMetadata | None = None
 
@@ -70,6 +99,14 @@ class FlashInferAttention:
         nd, b = meta.num_decodes, meta.num_seqs
         indptr, last = meta.kv_indptr_cpu, meta.kv_last_page_len_cpu
         dtype = torch.bfloat16
+        if self.batch_invariant:
+            qo, kv_indptr, kv_last = pin_query_tile(meta.query_start_loc_cpu, indptr, last,
+                                                    self.num_heads // self.num_kv_heads, self.page_size)
+            with self._prefill_fence:
+                self.prefill.plan(qo, kv_indptr, meta.kv_indices, kv_last,
+                                  self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                                  causal=True, q_data_type=dtype, kv_data_type=dtype, disable_split_kv=True)
+            return
         if nd:
             with self._decode_fence:
                 self.decode.plan(indptr[: nd + 1], meta.kv_indices[: int(indptr[nd])], last[:nd],
@@ -87,6 +124,8 @@ class FlashInferAttention:
                 meta: AttentionMetadata) -> torch.Tensor:
         append_kv(kv_cache, k, v, meta)
         out = torch.empty_like(q)
+        if self.batch_invariant:
+            return self.prefill.run(q, kv_cache, out=out)
         nd = meta.num_decodes
         split = int(meta.query_start_loc_cpu[nd])
         if nd:

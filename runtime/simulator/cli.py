@@ -11,6 +11,7 @@ output length drawn by the workload, which only the simulator knows: a policy se
     conveyor simulate --scenario sjf            # sjf, priority, fair, static, adaptive or all
     conveyor simulate --scenario fair --plot out/
     conveyor simulate --fit-records steps.json --scenario sjf
+    conveyor simulate --engine real --model qwen3-0.6b --load-format dummy --scenario sjf --scale 0.05
 """
 
 from __future__ import annotations
@@ -44,13 +45,23 @@ from runtime.simulator.workloads import (
 from scheduler.policies import POLICY_NAMES
 
 
+def _scenarios(text: str) -> list[str]:
+    names = list(SCENARIOS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {', '.join(unknown) or text!r}: "
+                                         f"expected {', '.join(SCENARIOS)} or all")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULT_CONFIG  # (a Struct's class attributes are its field descriptors, not the defaults)
     p = argparse.ArgumentParser(prog="conveyor simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     w = p.add_argument_group("what to run")
-    w.add_argument("--scenario", choices=[*SCENARIOS, "all"], default=None,
-                   help="one of the issue's targets: runs its workload(s) and policies and checks the target")
+    w.add_argument("--scenario", type=_scenarios, default=None,
+                   help=f"the issue's targets, comma-separated ({', '.join(SCENARIOS)}) or all: runs each one's "
+                   "workload(s) and policies and checks its target")
     w.add_argument("--workload", choices=WORKLOADS, default="heavy-tail",
                    help="heavy-tail; priority (a fifth urgent); tenants (A at 4x B's rate); mixed (lengths 100-1024)")
     w.add_argument("--policies", nargs="+", default=["fcfs", "sjf", "srtf"], choices=POLICY_NAMES)
@@ -61,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="arrival rate as a fraction of the measured capacity for this workload (default 0.85)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--scale", type=float, default=1.0, help="scenarios: multiply their request counts")
-    w.add_argument("--queue-bound-seqs", type=int, default=2,
-                   help="scenarios sjf and adaptive: max_num_seqs of their second, queue-bound regime")
+    w.add_argument("--queue-bound-seqs", type=int, nargs="+", default=[2, 1],
+                   help="scenario sjf: max_num_seqs of its queue-bound regimes (adaptive: the first)")
     e = p.add_argument_group("engine limits and policy knobs (the engine's flags)")
     e.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     e.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
@@ -78,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--static-batch-size", type=int, default=d.static_batch_size)
     e.add_argument("--static-batch-timeout", type=float, default=d.static_batch_timeout)
     e.add_argument("--round-robin-time-slice", type=int, default=d.round_robin_time_slice)
+    r = p.add_argument_group("real engine (--engine real: the scenarios on EngineCore, wall clock)")
+    r.add_argument("--engine", choices=["sim", "real"], default="sim")
+    r.add_argument("--model", default="qwen3-0.6b", help="a preset or path, as the engine's --model")
+    r.add_argument("--load-format", default="dummy", help="as the engine's (dummy: random weights)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool (default: the engine's)")
+    r.add_argument("--pipeline-depth", type=int, default=2)
+    r.add_argument("--output-scale", type=float, default=0.25,
+                   help="real engine: multiply every output length (and max_tokens) by this, keeping the shape")
+    r.add_argument("--step-records", type=Path, default=None, metavar="FILE",
+                   help="real engine: write every step's StepRecord here (a file --fit-records reads)")
     c = p.add_argument_group("step-time model")
     cost = c.add_mutually_exclusive_group()
     cost.add_argument("--cost", type=CostModel.parse, default=None, metavar="A,B,C",
@@ -112,8 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out: dict[str, Any] = {"config": msgspec.to_builtins(config)}
     if args.scenario is not None:
-        ctx = ScenarioContext(config, args.seed, args.scale, args.plot, args.queue_bound_seqs)
-        names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+        ctx = ScenarioContext(config, args.seed, args.scale, args.plot, tuple(args.queue_bound_seqs))
+        if args.engine == "real":
+            from runtime.config import EngineConfig
+            from runtime.simulator.real import RealRunner
+
+            base = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
+                                kv_cache_memory=args.kv_cache_memory, pipeline_depth=args.pipeline_depth,
+                                max_model_len=None)  # the model's own: the sim's 4096 may exceed it
+            ctx.real = RealRunner(base, args.output_scale)
+        names = args.scenario
         missed = 0
         for name in names:
             rep = SCENARIOS[name](ctx)
@@ -121,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             missed += sum(not c.ok for c in rep.checks)
             out[name] = {"notes": rep.notes, "tables": rep.tables, "checks": [c._asdict() for c in rep.checks]}
         print(f"{missed} target(s) missed" if missed else "all targets met")
+        if ctx.real is not None and args.step_records is not None:
+            args.step_records.write_text(json.dumps([r._asdict() for r in ctx.real.step_records]))
     else:
         if args.rate is not None:
             rate = args.rate

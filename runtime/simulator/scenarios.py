@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from runtime.simulator.engine import SimConfig, measure_capacity, simulate
+from runtime.simulator.engine import SimConfig, SimResult, measure_capacity, simulate
 from runtime.simulator.report import format_table, pct, summarize, wait_share
 from runtime.simulator.workloads import (
     MAX_NEW_TOKENS,
@@ -54,7 +54,17 @@ class ScenarioContext:
     seed: int = 0
     scale: float = 1.0  # multiplies request counts; tests run small
     plot_dir: Path | None = None
-    queue_bound_seqs: int = 2  # the second regime of the sjf and adaptive scenarios
+    # The queue-bound regimes of the sjf scenario (adaptive runs the first): the same engine able to
+    # run only this many sequences at once
+    queue_bound_seqs: tuple[int, ...] = (2, 1)
+    # The real engine (runtime.simulator.real.RealRunner) instead of the simulator: it runs the
+    # policies and measures capacity; None simulates.
+    real: Callable[..., SimResult] | None = None
+
+    def run(self, policy: str, workload: Sequence[SimRequest], config: SimConfig | None = None,
+            trace_every_s: float | None = None) -> SimResult:
+        run = self.real or simulate
+        return run(policy, workload, config or self.config, trace_every_s=trace_every_s)
 
     def n(self, base: int) -> int:
         return max(20, int(base * self.scale))
@@ -64,29 +74,35 @@ class ScenarioContext:
         return max(1, round(rate * duration_s * self.scale))
 
     def capacity(self, config: SimConfig | None = None, make: Callable[..., SimRequest] = heavy_tail_request) -> float:
-        return measure_capacity(merge_streams([Stream(math.inf, self.n(2000), make=make)], self.seed + 1000),
-                                config or self.config)
+        work = merge_streams([Stream(math.inf, self.n(2000), make=make)], self.seed + 1000)
+        if self.real is not None:
+            return self.real.capacity(work, config or self.config)  # type: ignore[attr-defined]
+        return measure_capacity(work, config or self.config)
 
-    def regimes(self) -> list[tuple[str, SimConfig, int]]:
+    def regimes(self, max_queue_bound: int | None = None) -> list[tuple[str, SimConfig, int]]:
         """(name, config, requests per run): the engine as configured, and the same engine able to run
-        only a couple of sequences at once (a big model on a small device), where queueing, the
+        only one or two sequences at once (a big model on a small device), where queueing, the
         thing SJF reorders, is most of the latency. Fewer requests there: its runs take more steps."""
         c = self.config
-        small = msgspec.structs.replace(c, max_num_seqs=self.queue_bound_seqs)
-        return [(f"{c.max_num_seqs} seqs", c, self.n(3000)),
-                (f"{small.max_num_seqs} seqs", small, self.n(1500))]
+        out = [(f"{c.max_num_seqs} seqs", c, self.n(3000))]
+        for seqs in self.queue_bound_seqs[:max_queue_bound]:
+            small = msgspec.structs.replace(c, max_num_seqs=seqs)
+            out.append((f"{seqs} seq{'s' if seqs > 1 else ''}", small, self.n(1500)))
+        return out
 
 
 def scenario_sjf(ctx: ScenarioContext, loads: Sequence[float] = (0.85, 0.9)) -> ScenarioReport:
     rep = ScenarioReport("sjf", [(
         "heavy-tail outputs (lognormal, mean ~250, p99 ~2000; the prompt's task template explains part of the "
-        "length, so the best possible tau is ~0.59). 'fcfs_wait_bound' is the most any order of the queue can "
-        "gain over fcfs: 1 / (1 - share of fcfs's mean E2E spent waiting for admission)")])
+        "length, so the best possible tau is ~0.6). Capacity: the saturated throughput of the same engine limits "
+        "(everything queued at t=0, fcfs, counted until the last admission), per regime. 'fcfs_wait_bound' is the "
+        "most any order of the queue can gain over fcfs: 1 / (1 - share of fcfs's mean E2E spent waiting for "
+        "admission)")])
     for regime, cfg, n in ctx.regimes():
         cap = ctx.capacity(cfg)
         for load in loads:
             work = merge_streams([Stream(load * cap, n)], ctx.seed)
-            results = {p: simulate(p, work, cfg) for p in ("fcfs", "sjf", "srtf")}
+            results = {p: ctx.run(p, work, cfg) for p in ("fcfs", "sjf", "srtf")}
             table = {p: summarize(r) for p, r in results.items()}
             fcfs = table["fcfs"]
             fcfs["fcfs_wait_bound"] = 1 / max(1e-9, 1 - wait_share(results["fcfs"]))
@@ -112,14 +128,14 @@ def scenario_priority(ctx: ScenarioContext, urgent_share: float = 0.1,
         f"urgent (priority 0) at {urgent_share:.0%} of capacity {cap:.2f} req/s; background (priority 1) at "
         f"{', '.join(f'{x:.0%}' for x in low_loads)}; heavy-tail lengths; {duration_s * ctx.scale:.0f} s of arrivals")])
     hi = Stream(urgent_share * cap, ctx.count(urgent_share * cap, duration_s), priority=0)
-    alone = simulate("priority", merge_streams([hi], ctx.seed), ctx.config)
+    alone = ctx.run("priority", merge_streams([hi], ctx.seed))
     base = pct([r.ttft for r in alone.requests], 95)
     rep.notes.append(f"urgent p95 TTFT unloaded (urgent traffic alone): {base * 1000:.2f} ms")
     for policy in ("fcfs", "priority"):
         table: dict[str, dict[str, float]] = {}
         for load in low_loads:
             lo = Stream(load * cap, ctx.count(load * cap, duration_s), priority=1)
-            res = simulate(policy, merge_streams([hi, lo], ctx.seed), ctx.config)
+            res = ctx.run(policy, merge_streams([hi, lo], ctx.seed))
             urgent = [r for r in res.requests if r.priority == 0]
             table[f"low {load:.0%}"] = {
                 "urgent_ttft_p50_ms": 1000 * pct([r.ttft for r in urgent], 50),
@@ -147,13 +163,13 @@ def scenario_fair(ctx: ScenarioContext, b_load: float = 0.3, a_over_b: float = 4
         f"heavy-tail lengths; {duration_s * ctx.scale:.0f} s of arrivals")])
     b = Stream(b_load * cap, ctx.count(b_load * cap, duration_s), tenant="B")
     a = Stream(a_load * cap, ctx.count(a_load * cap, duration_s), tenant="A")
-    alone = simulate("fcfs", merge_streams([b], ctx.seed + 1), ctx.config)
+    alone = ctx.run("fcfs", merge_streams([b], ctx.seed + 1))
     b_alone = pct([r.e2e for r in alone.requests], 95)
     rep.notes.append(f"B alone: p95 E2E {b_alone:.3f} s")
     both = merge_streams([b, a], ctx.seed + 1)  # B first: its requests are the same as alone
     table, traces = {}, {}
     for policy in ("fcfs", "round-robin", "fair"):
-        res = simulate(policy, both, ctx.config, trace_every_s=1.0 if policy == "fair" else None)
+        res = ctx.run(policy, both, trace_every_s=1.0 if policy == "fair" else None)
         row = summarize(res)
         row["b_e2e_p95_vs_alone"] = row["e2e_p95[tenant=B]"] / b_alone
         table[policy] = {k: v for k, v in row.items() if k.startswith(("e2e_p95[", "ttft_p95[")) or k in (
@@ -206,7 +222,7 @@ def scenario_static(ctx: ScenarioContext) -> ScenarioReport:
         f"{cfg.static_batch_size} (= max_num_seqs). Static batches are padded only in the count: Conveyor never "
         "computes padding, so the throughput gap here is the slots a static batch leaves idle")])
     work = merge_streams([Stream(math.inf, ctx.n(256), make=mixed_request)], ctx.seed)
-    table = {p: summarize(simulate(p, work, cfg)) for p in ("fifo", "static", "fcfs")}
+    table = {p: summarize(ctx.run(p, work, cfg)) for p in ("fifo", "static", "fcfs")}
     rep.tables["mixed lengths"] = {p: {k: v for k, v in row.items() if k in (
         "sim_time_s", "steps", "output_tok_per_s", "e2e_mean", "e2e_p99", "static_padding_waste")}
         for p, row in table.items()}
@@ -221,11 +237,11 @@ def scenario_adaptive(ctx: ScenarioContext, loads: Sequence[float] = (0.3, 0.7, 
     rep = ScenarioReport("adaptive", [(
         f"heavy-tail outputs at {', '.join(f'{x:.0%}' for x in loads)} of capacity; the measure is mean E2E. "
         "priority is left out of the fixed policies: with one priority level it orders as fcfs")])
-    for regime, cfg, n in ctx.regimes():
+    for regime, cfg, n in ctx.regimes(max_queue_bound=1):
         cap = ctx.capacity(cfg)
         for load in loads:
             work = merge_streams([Stream(load * cap, n)], ctx.seed)
-            table = {p: summarize(simulate(p, work, cfg)) for p in (*fixed, "adaptive")}
+            table = {p: summarize(ctx.run(p, work, cfg)) for p in (*fixed, "adaptive")}
             rep.tables[f"{regime}, {load:.0%} of capacity ({cap:.2f} req/s), {n} requests"] = {
                 p: {k: v for k, v in row.items() if k in (
                     "e2e_mean", "e2e_p99", "e2e_p99_longest_decile", "goodput_rps", "preemptions",

@@ -33,9 +33,9 @@ def build(name: str, *, priority_aging_s: float = 30.0, static_batch_size: int =
     if name == "priority":
         return PriorityPolicy(priority_aging_s, clock)
     if name == "sjf":
-        return SJFPolicy(predictor, priority_aging_s, clock)
+        return SJFPolicy(predictor)  # ages in finished work, not seconds: see sjf.py
     if name == "srtf":
-        return SRTFPolicy(predictor, priority_aging_s, clock)
+        return SRTFPolicy(predictor)
     if name == "fair":
         return FairSharePolicy(tenant_weights=tenant_weights)
     if name == "round-robin":

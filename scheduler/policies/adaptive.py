@@ -103,7 +103,7 @@ class AdaptivePolicy(SchedulingPolicy):
         self.predictor = LengthPredictor()
         # sjf and srtf are one policy in two modes: switching between them moves nothing and the
         # predictions made at arrival (what the reported tau compares) stay with the requests.
-        self._sjf = SJFPolicy(self.predictor, aging_s, clock)
+        self._sjf = SJFPolicy(self.predictor)
         self.policies: dict[str, SchedulingPolicy] = {
             "fcfs": FCFSPolicy(), "srtf": self._sjf, "sjf": self._sjf, "priority": PriorityPolicy(aging_s, clock),
         }
