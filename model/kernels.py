@@ -17,7 +17,7 @@ from model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_inv_fre
 
 
 class _Linear:
-    linear_tile: int | None = None
+    linear_tile: int | None  # rows per GEMM tile; None: plain F.linear
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.linear_tile is None:

@@ -34,9 +34,9 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -47,7 +47,10 @@ from runtime.config import EngineConfig
 
 if TYPE_CHECKING:
     from runtime.engine_core import EngineCore
+    from runtime.outputs import RequestOutput
     from scheduler import Request
+
+T = TypeVar("T")
 
 
 class Strategy(NamedTuple):
@@ -180,7 +183,7 @@ def _padding_counters(core: EngineCore) -> tuple[int, int]:
     return 0, 0
 
 
-def _warm_up(core: EngineCore, items: list[WorkItem], n: int, temperature: float) -> None:
+def warm_up(core: EngineCore, items: list[WorkItem], n: int, temperature: float) -> None:
     """A few short requests, untimed: first-call costs (kernel plans, allocator) stay out of the numbers."""
     from runtime.engine_core import STALL_POLL_S
     from scheduler import SamplingParams
@@ -198,37 +201,57 @@ def _warm_up(core: EngineCore, items: list[WorkItem], n: int, temperature: float
             time.sleep(STALL_POLL_S)
 
 
+def replay(core: EngineCore, items: Sequence[T], arrival_s: Callable[[T], float],
+           make_request: Callable[[T, float], Request], *, before_step: Callable[[float], None] | None = None,
+           after_step: Callable[[list[RequestOutput]], None] | None = None) -> tuple[list[Request], float]:
+    """Submit each item at its arrival offset and step until all finish; the requests and the start time.
+
+    ``make_request(item, t0)`` builds an item's request; ``before_step(seconds since t0)`` runs every
+    loop turn after arrivals are submitted, ``after_step(outputs)`` after every step.
+    """
+    from runtime.engine_core import STALL_POLL_S
+
+    pending = deque(sorted(items, key=arrival_s))
+    reqs: list[Request] = []
+    t0 = time.monotonic()
+    while pending or core.has_work():
+        now = time.monotonic()
+        while pending and t0 + arrival_s(pending[0]) <= now:
+            req = make_request(pending.popleft(), t0)
+            core.add_request(req)
+            reqs.append(req)
+        if before_step is not None:
+            before_step(now - t0)
+        if core.has_work():
+            outputs = core.step()
+            if after_step is not None:
+                after_step(outputs)
+            if core.stalled:  # the static policy holds a partial batch back until its timeout
+                time.sleep(STALL_POLL_S)
+        elif pending:  # idle until the next arrival: this wait is the arrival process itself
+            time.sleep(max(0.0, t0 + arrival_s(pending[0]) - time.monotonic()))
+    return reqs, t0
+
+
 def _drive(core: EngineCore, items: list[WorkItem], temperature: float,
            progress: str | None) -> tuple[list[Request], float]:
     """Feed each request at its arrival offset and step until all finish; the requests and the start time."""
-    from runtime.engine_core import STALL_POLL_S
     from scheduler import SamplingParams
 
-    pending = deque(sorted(items, key=lambda it: it.arrival_s))
-    reqs: list[Request] = []
+    def make_request(item: WorkItem, t0: float) -> Request:
+        params = SamplingParams(temperature=temperature, max_tokens=item.output_len, ignore_eos=True)
+        req = core.inputs.make_request(item.prompt_ids, params, request_id=str(item.index))
+        # Latency counts from when the request arrived, not from when the loop got to it (a step may
+        # have been running then).
+        req.arrival_time = t0 + item.arrival_s
+        return req
+
     bar = tqdm(total=len(items), desc=progress, unit="req", disable=progress is None, dynamic_ncols=True)
-    t0 = time.monotonic()
     try:
-        while pending or core.has_work():
-            now = time.monotonic()
-            while pending and t0 + pending[0].arrival_s <= now:
-                item = pending.popleft()
-                params = SamplingParams(temperature=temperature, max_tokens=item.output_len, ignore_eos=True)
-                req = core.inputs.make_request(item.prompt_ids, params, request_id=str(item.index))
-                # Latency counts from when the request arrived, not from when this loop got to it
-                # (a step may have been running then).
-                req.arrival_time = t0 + item.arrival_s
-                core.add_request(req)
-                reqs.append(req)
-            if core.has_work():
-                bar.update(sum(out.finished for out in core.step()))
-                if core.stalled:  # the static policy holds a partial batch back until its timeout
-                    time.sleep(STALL_POLL_S)
-            elif pending:  # idle until the next arrival: this wait is the arrival process itself
-                time.sleep(max(0.0, t0 + pending[0].arrival_s - time.monotonic()))
+        return replay(core, items, lambda it: it.arrival_s, make_request,
+                      after_step=lambda outs: bar.update(sum(out.finished for out in outs)))
     finally:
         bar.close()
-    return reqs, t0
 
 
 def run_strategy(name: str, base: EngineConfig, items: list[WorkItem], *, warmup: int = 2,
@@ -241,7 +264,7 @@ def run_strategy(name: str, base: EngineConfig, items: list[WorkItem], *, warmup
     config = strategy_config(base, name)
     core = EngineCore(config)
     try:
-        _warm_up(core, items, warmup, temperature)
+        warm_up(core, items, warmup, temperature)
         busy0, pad0, preempted0 = core.stats().device_busy_s, _padding_counters(core), core.scheduler.num_preemptions
         core.step_records = []
         reqs, t0 = _drive(core, items, temperature, name if progress else None)

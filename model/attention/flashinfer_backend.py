@@ -87,7 +87,8 @@ class FlashInferAttention:
         self.batch_invariant = batch_invariant
         self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
                                                                              device=device)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        # Batch-invariant mode plans every row on the prefill wrapper; there is no decode plan.
+        self.decode = None if batch_invariant else flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=decode_uses_tensor_cores(num_heads, num_kv_heads), backend="fa2")
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend="fa2" if batch_invariant else "auto")

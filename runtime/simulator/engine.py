@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -151,10 +151,12 @@ def simulate(policy_name: str, workload: Sequence[SimRequest], config: SimConfig
     return result
 
 
-def measure_capacity(workload: Sequence[SimRequest], config: SimConfig = DEFAULT_CONFIG) -> float:
+def measure_capacity(workload: Sequence[SimRequest], config: SimConfig = DEFAULT_CONFIG,
+                     run: Callable[[str, Sequence[SimRequest], SimConfig], SimResult] = simulate) -> float:
     """Saturated throughput in requests/s: everything arrives at once, FCFS (which serves the mix as
-    it comes), counted until the last request is admitted, so the drain at the end is left out."""
-    res = simulate("fcfs", [dataclasses.replace(r, arrival=0.0) for r in workload], config)
+    it comes), counted until the last request is admitted, so the drain at the end is left out.
+    ``run`` is ``simulate`` or the real engine (runtime.simulator.real.RealRunner)."""
+    res = run("fcfs", [dataclasses.replace(r, arrival=0.0) for r in workload], config)
     until = max(r.admitted for r in res.requests)
     done = sum(1 for r in res.requests if r.e2e <= until)
     return done / until if until > 0 else math.inf

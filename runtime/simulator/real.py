@@ -1,7 +1,7 @@
 """The scenarios on the real engine: the same workloads, replayed on the wall clock through ``EngineCore``
 (real model forward, real scheduler and policy), summarised by the same code as the simulator.
 
-``RealRunner`` stands in for ``simulate`` and ``measure_capacity``: a scenario asks it to run a policy
+``RealRunner`` stands in for ``simulate`` (and so, passed to ``measure_capacity``, measures capacity): a scenario asks it to run a policy
 on a workload under a ``SimConfig`` (whose limits and KV pool size become the engine's) and gets a
 ``SimResult`` back. What differs from the simulator, on purpose:
 
@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
-import time
-from collections import deque
 from collections.abc import Sequence
 
 import msgspec
@@ -30,7 +27,7 @@ import msgspec
 from runtime.config import EngineConfig
 from runtime.simulator.engine import RequestStat, SimConfig, SimResult
 from runtime.simulator.workloads import SimRequest
-from scheduler import FinishReason, SamplingParams
+from scheduler import FinishReason, Request, SamplingParams
 
 
 class RealRunner:
@@ -61,42 +58,40 @@ class RealRunner:
                  trace_every_s: float | None = None) -> SimResult:
         import torch
 
-        from runtime.compare import WorkItem, _warm_up
-        from runtime.engine_core import STALL_POLL_S, EngineCore
+        from runtime.compare import WorkItem, replay, warm_up
+        from runtime.engine_core import EngineCore
 
         core = EngineCore(self.engine_config(policy, sim))
         try:
             work = self.scaled(workload, core.model_config.vocab_size)
-            _warm_up(core, [WorkItem(i, list(w.prompt), 8, 0.0) for i, w in enumerate(work)], self.warmup, 0.0)
+            warm_up(core, [WorkItem(i, list(w.prompt), 8, 0.0) for i, w in enumerate(work)], self.warmup, 0.0)
             preempted0 = core.scheduler.num_preemptions
             core.step_records = []
             target = {w.request_id: w.output_len for w in work}
-            pending = deque(work)
-            live = []
+            live: list[Request] = []
             result = SimResult(policy)
             next_trace = 0.0
-            t0 = time.monotonic()
-            while pending or core.has_work():
-                now = time.monotonic()
-                while pending and t0 + pending[0].arrival <= now:
-                    w = pending.popleft()
-                    params = SamplingParams(temperature=0.0, max_tokens=w.max_new_tokens, ignore_eos=True)
-                    req = core.inputs.make_request(list(w.prompt), params, request_id=w.request_id)
-                    req.arrival_time, req.priority, req.tenant = t0 + w.arrival, w.priority, w.tenant
-                    core.add_request(req)
-                    live.append(req)
-                if trace_every_s is not None and now - t0 >= next_trace:
-                    result.trace.append((now - t0, core.scheduler.policy.metrics()))
-                    next_trace = now - t0 + trace_every_s
-                if core.has_work():
-                    core.step()
-                    for req in live:
-                        if not req.is_finished and len(req.output_token_ids) >= target[req.request_id]:
-                            core.abort_request(req.request_id, FinishReason.STOP)
-                    if core.stalled:  # a static batch waiting for its timeout
-                        time.sleep(STALL_POLL_S)
-                elif pending:  # idle until the next arrival: this wait is the arrival process itself
-                    time.sleep(max(0.0, t0 + pending[0].arrival - time.monotonic()))
+
+            def make_request(w: SimRequest, t0: float) -> Request:
+                params = SamplingParams(temperature=0.0, max_tokens=w.max_new_tokens, ignore_eos=True)
+                req = core.inputs.make_request(list(w.prompt), params, request_id=w.request_id)
+                req.arrival_time, req.priority, req.tenant = t0 + w.arrival, w.priority, w.tenant
+                live.append(req)
+                return req
+
+            def trace(elapsed: float) -> None:
+                nonlocal next_trace
+                if trace_every_s is not None and elapsed >= next_trace:
+                    result.trace.append((elapsed, core.scheduler.policy.metrics()))
+                    next_trace = elapsed + trace_every_s
+
+            def stop_at_drawn_length(_outputs: object) -> None:
+                for req in live:
+                    if not req.is_finished and len(req.output_token_ids) >= target[req.request_id]:
+                        core.abort_request(req.request_id, FinishReason.STOP)
+
+            _, t0 = replay(core, work, lambda w: w.arrival, make_request, before_step=trace,
+                           after_step=stop_at_drawn_length)
             records, core.step_records = core.step_records, None
             core.check_integrity()
             self.step_records.extend(records)
@@ -119,10 +114,3 @@ class RealRunner:
                 arrival, first, first - arrival, done - arrival, (done - first) / (n - 1) if n > 1 else 0.0,
                 n, r.num_prompt_tokens, r.tenant or "", r.priority))
         return result
-
-    def capacity(self, workload: Sequence[SimRequest], sim: SimConfig) -> float:
-        """Saturated throughput in requests/s, measured as ``measure_capacity`` does, on the engine."""
-        res = self("fcfs", [dataclasses.replace(w, arrival=0.0) for w in workload], sim)
-        until = max(r.admitted for r in res.requests)
-        done = sum(1 for r in res.requests if r.e2e <= until)
-        return done / until if until > 0 else math.inf

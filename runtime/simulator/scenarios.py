@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
@@ -20,6 +20,10 @@ from runtime.simulator.workloads import (
     merge_streams,
     mixed_request,
 )
+
+
+if TYPE_CHECKING:
+    from runtime.simulator.real import RealRunner
 
 
 class Check(NamedTuple):
@@ -59,7 +63,7 @@ class ScenarioContext:
     queue_bound_seqs: tuple[int, ...] = (2, 1)
     # The real engine (runtime.simulator.real.RealRunner) instead of the simulator: it runs the
     # policies and measures capacity; None simulates.
-    real: Callable[..., SimResult] | None = None
+    real: RealRunner | None = None
 
     def run(self, policy: str, workload: Sequence[SimRequest], config: SimConfig | None = None,
             trace_every_s: float | None = None) -> SimResult:
@@ -75,9 +79,7 @@ class ScenarioContext:
 
     def capacity(self, config: SimConfig | None = None, make: Callable[..., SimRequest] = heavy_tail_request) -> float:
         work = merge_streams([Stream(math.inf, self.n(2000), make=make)], self.seed + 1000)
-        if self.real is not None:
-            return self.real.capacity(work, config or self.config)  # type: ignore[attr-defined]
-        return measure_capacity(work, config or self.config)
+        return measure_capacity(work, config or self.config, self.real or simulate)
 
     def regimes(self, max_queue_bound: int | None = None) -> list[tuple[str, SimConfig, int]]:
         """(name, config, requests per run): the engine as configured, and the same engine able to run
