@@ -33,15 +33,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        kernels: Kernels,
-        backend: AttentionBackend,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor,
+                kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (contiguous), k, v for attention: the qkv projection, Qwen3's q/k norms, RoPE."""
         t = x.shape[0]
         qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -52,8 +46,10 @@ class Attention(nn.Module):
             q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         q, k = kernels.rope(q, k, positions)
-        o = backend.forward(q.contiguous(), k, v, kv_cache, meta)
-        return kernels.linear(o.reshape(t, self.q_size), self.o_proj.weight)
+        return q.contiguous(), k, v
+
+    def output(self, o: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        return kernels.linear(o.reshape(o.shape[0], self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -94,6 +90,35 @@ class DecoderModel(nn.Module):
         device = self.embed_tokens.weight.device
         self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device, linear_tile)
 
+    # The forward in pieces, split at attention: ``runtime.piecewise_graphs`` captures everything
+    # between two attentions as one CUDA graph and runs attention (ragged, planned per batch) eagerly.
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input-normed hidden, residual) [T, hidden] for layer 0."""
+        kernels = self._kernels()
+        residual = self.embed_tokens(input_ids)
+        first = self.layers[0].input_layernorm
+        return kernels.rms_norm(residual, first.weight, first.eps), residual
+
+    def attention_inputs(self, i: int, h: torch.Tensor,
+                         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.layers[i].self_attn.project(h, positions, self._kernels())
+
+    def finish_layer(self, i: int, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i after its attention output ``o``: the output projection, the MLP and the next
+        layer's input norm (the final norm after the last layer). ``residual`` may be updated in place."""
+        kernels = self._kernels()
+        layer = self.layers[i]
+        h = layer.self_attn.output(o, kernels)
+        norm = layer.post_attention_layernorm
+        h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+        h = layer.mlp(h, kernels)
+        norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+        return kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+
+    def _kernels(self) -> Kernels:
+        assert self.kernels is not None, "call init_kernels() after loading weights"
+        return self.kernels
+
     @torch.inference_mode()
     def forward(
         self,
@@ -104,22 +129,14 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; ``kv_caches[i]`` is layer i's pages."""
-        kernels = self.kernels
-        assert kernels is not None, "call init_kernels() after loading weights"
-        residual = self.embed_tokens(input_ids)
-        first = self.layers[0].input_layernorm
-        h = kernels.rms_norm(residual, first.weight, first.eps)
-        for i, layer in enumerate(self.layers):
-            h = layer.self_attn(h, positions, kernels, backend, kv_caches[i], meta)
-            norm = layer.post_attention_layernorm
-            h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
-            h = layer.mlp(h, kernels)
-            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+        h, residual = self.embed(input_ids)
+        for i in range(len(self.layers)):
+            q, k, v = self.attention_inputs(i, h, positions)
+            o = backend.forward(q, k, v, kv_caches[i], meta)
+            h, residual = self.finish_layer(i, o, residual)
         return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        assert self.kernels is not None, "call init_kernels() after loading weights"
-        return self.kernels.linear(hidden, weight[: self.output_vocab]).float()
+        return self._kernels().linear(hidden, weight[: self.output_vocab]).float()

@@ -24,6 +24,7 @@ _HELP = {
     "enable_prefix_caching": "reuse KV pages of prompts seen before (radix tree, LRU eviction)",
     "preemption_mode": "when the KV pool runs dry: recompute, or swap the KV to host memory and back",
     "swap_space": "GiB of pinned host memory for swapped-out KV",
+    "max_piecewise_tokens": "CUDA: prefill/mixed steps up to this many tokens replay piecewise CUDA graphs; 0: eager",
     "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }

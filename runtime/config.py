@@ -36,7 +36,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     enable_prefix_caching: bool = True  # radix tree over token ids: requests reuse cached prompt pages
     preemption_mode: str = "recompute"  # recompute | swap (KV copied to host memory and back)
     swap_space: float = 4.0  # GiB of pinned host memory for swapped-out KV
-    enforce_eager: bool = False  # CUDA: no decode graphs
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (decode or piecewise)
+    # CUDA: prefill and mixed steps of up to this many tokens replay piecewise graphs (everything
+    # but attention; runtime/piecewise_graphs.py); larger ones, where launches are cheap next to the
+    # compute, run eagerly. 0: always eager.
+    max_piecewise_tokens: int = 512
     # A request's tokens do not depend on what shares its batches: fixed-tile GEMMs and one unsplit
     # attention kernel for every row. Slower; for reproducible outputs and tests.
     batch_invariant: bool = False
@@ -49,6 +53,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.max_piecewise_tokens < 0:
+            raise ConfigError("max_piecewise_tokens must be >= 0")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

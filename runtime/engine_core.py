@@ -184,6 +184,11 @@ class EngineCore:
             self.runner.graphs = DecodeGraphs(self.model, self.kv_pool, self.token_pool, staging,
                                               min(config.max_num_seqs, MAX_GRAPH_BATCH), backend.workspace,
                                               batch_invariant=config.batch_invariant)
+            max_pieces = min(config.max_piecewise_tokens, config.max_num_batched_tokens)
+            if max_pieces > 0:
+                from runtime.piecewise_graphs import PiecewiseGraphs
+
+                self.runner.pieces = PiecewiseGraphs(self.model, self.kv_pool, self.token_pool, staging, max_pieces)
         self.pipeline_depth = config.pipeline_depth
         self.executor: CpuExecutor | CudaExecutor = (
             CudaExecutor(self.runner, self.device, config.max_num_seqs, config.pipeline_depth)

@@ -22,6 +22,7 @@ from scheduler import ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
     from runtime.cuda_graphs import DecodeGraphs
+    from runtime.piecewise_graphs import PiecewiseGraphs
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PreparedBatch:
     sample_positions: torch.Tensor  # [S] where each sampled id is written in the token pool
     sampling: SamplingBatch
     graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
+    piece_size: int | None  # else run the piecewise graphs of this many (padded) tokens
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
@@ -69,6 +71,7 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None  # prefill and mixed batches
         self.swapper: KVSwapper | None = None  # set with --preemption-mode swap
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
@@ -105,9 +108,19 @@ class ModelRunner:
 
         kv_last_page_len = kv_lens - (pages_used - 1) * page_size
         sampling = [i for i, s in enumerate(seqs) if s.samples]
+        num_tokens = int(qsl[-1])
+        token_slots = slots[seq_of_token]
+        piece_size = None
+        if graph_bs is None and self.pieces is not None:
+            piece_size = self.pieces.size_for(num_tokens)
+        if piece_size is not None and piece_size > num_tokens:
+            # Padded rows gather position 0 of the padding slot; attention never sees them.
+            pad = piece_size - num_tokens
+            token_slots = np.concatenate([token_slots, np.full(pad, self.token_pool.padding_slot, dtype=np.int64)])
+            positions = np.concatenate([positions, np.zeros(pad, dtype=positions.dtype)])
         staged = self.staging.stage({
             "kv_indptr": kv_indptr, "kv_last_page_len": kv_last_page_len, "batch_indices": seq_of_token,
-            "token_slots": slots[seq_of_token], "positions": positions, "slot_mapping": slot_mapping,
+            "token_slots": token_slots, "positions": positions, "slot_mapping": slot_mapping,
             "kv_indices": kv_indices, "page_table": page_table.reshape(-1),
             "logits_indices": np.arange(len(sampling)) if graph_bs else qsl[1:][sampling] - 1,
             "sample_slots": slots[sampling], "sample_positions": (starts + lens)[sampling],
@@ -125,7 +138,7 @@ class ModelRunner:
             kv_indptr=staged["kv_indptr"],
             kv_last_page_len=staged["kv_last_page_len"],
             batch_indices=staged["batch_indices"],
-            positions=staged["positions"],
+            positions=staged["positions"][:num_tokens],
         )
         return PreparedBatch(
             batch=batch,
@@ -137,6 +150,7 @@ class ModelRunner:
             sample_positions=staged["sample_positions"],
             sampling=_sampling_batch([seqs[i] for i in sampling], self.device),
             graph_batch_size=graph_bs,
+            piece_size=piece_size,
         )
 
     @torch.inference_mode()
@@ -153,9 +167,14 @@ class ModelRunner:
             assert self.graphs is not None
             logits = self.graphs.replay(prepared.graph_batch_size, prepared.meta)[:num_samples]
         else:
-            input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
             self.backend.plan(prepared.meta)
-            hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+            if prepared.piece_size is not None:
+                assert self.pieces is not None
+                hidden = self.pieces.run(prepared.piece_size, prepared.batch.num_tokens, self.backend, prepared.meta,
+                                         prepared.token_slots, prepared.positions)
+            else:
+                input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
+                hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
             if num_samples == 0:
                 return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
             logits = self.model.compute_logits(hidden[prepared.logits_indices])

@@ -226,21 +226,31 @@ def test_prefill_logits_are_as_accurate_as_transformers_bf16(preset_name, tmp_pa
     llm.close()
 
 
-def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(tmp_path):
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(tmp_path, batch_invariant):
+    """Decode graphs and piecewise graphs (prefill chunks of <= 512 tokens, mixed steps) against the
+    eager forward. Padding a step to a graph's size changes cuBLAS's choice of GEMM for the default
+    kernels (bf16 noise, judged against HF's own); batch-invariant GEMMs must give identical tokens."""
     oracle = HFOracle("qwen3-0.6b", tmp_path / "qwen3")
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 30000) for _ in range(rng.randint(4, 300))] for _ in range(16)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     results = {}
     for eager in (False, True):
-        llm = LLM(oracle.dir, max_model_len=1024, enforce_eager=eager, gpu_memory_utilization=0.5)
+        llm = LLM(oracle.dir, max_model_len=1024, enforce_eager=eager, gpu_memory_utilization=0.5,
+                  max_num_batched_tokens=512, batch_invariant=batch_invariant)
+        assert (llm.core.runner.pieces is None) == eager
         results[eager] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.core.check_integrity()
         llm.close()
         del llm
         torch.cuda.empty_cache()
-    assert results[False] == results[True], "CUDA-graph decode and eager decode disagree"
-    check_against(oracle, prompts, results[False], "qwen3-0.6b")
+    same = sum(a == b for a, b in zip(results[False], results[True]))
+    print(f"batch_invariant={batch_invariant}: graphs vs eager identical for {same}/16 sequences")
+    if batch_invariant:
+        assert results[False] == results[True], "CUDA graphs and the eager forward disagree"
+    for eager, outs in results.items():
+        check_against(oracle, prompts, outs, f"qwen3-0.6b, {'eager' if eager else 'graphs'}")
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])

@@ -543,18 +543,18 @@ def feed(policy: AdaptivePolicy, start: float, end: float, waiting: int, kv: flo
 
 
 def test_adaptive_switches_at_the_queue_thresholds_after_the_dwell_time():
-    p = AdaptivePolicy()  # 16 slots: high_queue 0.25 = 4 waiting, overload_queue 2.0 = 32
+    p = AdaptivePolicy()  # 16 slots: high_queue 0.25 = 4 waiting, overload_queue 4.0 = 64
     t = feed(p, 0, 5, waiting=3)  # 0.19 per slot: inside the band
     assert p.active == "fcfs"
     t = feed(p, t, t + 1.0, waiting=4)  # a queue, but for less than dwell_s (1 s) so far
     assert p.active == "fcfs"
     t = feed(p, t, t + 0.2, waiting=4)
     assert p.active == "srtf" and p._sjf.preemptive  # with capacity to spare: preempt for short jobs
-    t = feed(p, t, t + 1.2, waiting=32)
+    t = feed(p, t, t + 1.2, waiting=64)
     assert p.active == "sjf" and not p._sjf.preemptive  # overloaded: no recompute
-    t = feed(p, t, t + 5, waiting=16)  # halved: still the overload band
+    t = feed(p, t, t + 5, waiting=32)  # halved: still the overload band
     assert p.active == "sjf"
-    t = feed(p, t, t + 1.2, waiting=15)
+    t = feed(p, t, t + 1.2, waiting=31)
     assert p.active == "srtf"
     t = feed(p, t, t + 9.5, waiting=1)  # calm (1/16 = low_queue), but calming down takes 10 s
     assert p.active == "srtf"
@@ -579,9 +579,9 @@ def test_adaptive_does_not_flap_when_load_oscillates_inside_the_hysteresis_band(
     for _ in range(50):  # now in srtf: lulls shorter than the calm dwell do not switch it back
         t = feed(p, t, t + 4, waiting=0)
         t = feed(p, t, t + 1, waiting=6)
-    for _ in range(50):  # around the overload threshold (32): in and out faster than the dwell
-        t = feed(p, t, t + 0.6, waiting=40)
-        t = feed(p, t, t + 0.6, waiting=12)
+    for _ in range(50):  # around the overload threshold (64): in and out faster than the dwell
+        t = feed(p, t, t + 0.6, waiting=80)
+        t = feed(p, t, t + 0.6, waiting=24)
     assert [(a, b) for _, a, b in p.switches] == [("fcfs", "srtf")]
 
 
@@ -606,12 +606,12 @@ def test_adaptive_counts_arrivals_and_sees_a_growing_queue():
         p.pop()
         p.pop()
         for _ in range(10):
-            p.observe(SchedulerLoad(clock.now, 16, 16, 0.1, 0))  # 16 waiting: half the overload queue
+            p.observe(SchedulerLoad(clock.now, 32, 16, 0.1, 0))  # 32 waiting: half the overload queue
             clock.now = round(clock.now + 0.1, 6)
     assert p.signals.arrival_rate == pytest.approx(5.0, rel=0.05)
     assert p.signals.admission_rate == pytest.approx(2.0, rel=0.05)
-    # Projected one second ahead with the drift: (16 + 3) per 16 slots.
-    assert p.signals.queue_pressure == pytest.approx(19 / 16, rel=0.05)
+    # Projected one second ahead with the drift: (32 + 3) per 16 slots.
+    assert p.signals.queue_pressure == pytest.approx(35 / 16, rel=0.05)
     # A queue from the start (srtf); once a whole 20 s window shows arrivals outpacing admissions,
     # overload (sjf), although the queue itself never reached the overload threshold.
     assert [(a, b) for _, a, b in p.switches] == [("fcfs", "srtf"), ("srtf", "sjf")]

@@ -44,7 +44,9 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D]; writes k/v into ``kv_cache`` (one layer) and returns [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D]; writes k/v into ``kv_cache`` (one layer) and returns [T, Hq, D]
+        (``out`` when given)."""
         ...

@@ -122,9 +122,9 @@ class FlashInferAttention:
                                   causal=True, q_data_type=dtype, kv_data_type=dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         append_kv(kv_cache, k, v, meta)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if self.batch_invariant:
             return self.prefill.run(q, kv_cache, out=out)
         nd = meta.num_decodes

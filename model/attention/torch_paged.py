@@ -27,10 +27,11 @@ class TorchPagedAttention:
             self._decode_mask = mask[:, None, None, :].to(meta.page_table.device)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         nd = meta.num_decodes
         qsl = meta.query_start_loc_cpu.tolist()
         kv_lens = meta.kv_lens_cpu.tolist()

@@ -21,6 +21,7 @@ from scheduler import (
     SchedulerLimits,
     make_policy,
 )
+from scheduler.length_predictor import LengthPredictor
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,14 +82,30 @@ class SimResult:
     shapes: list[tuple[int, int]] = field(default_factory=list)  # per step: (num_tokens, kv_tokens_read)
 
 
+class TrueLengths(LengthPredictor):
+    """A predictor that knows every drawn length: what sjf/srtf would reach with a perfect predictor,
+    the ceiling a learned one is measured against. Only the simulator can build it."""
+
+    def __init__(self, workload: Sequence[SimRequest]) -> None:
+        super().__init__()
+        self.lengths = {r.request_id: r.output_len for r in workload}
+
+    def predict(self, request: Request) -> float:
+        return float(self.lengths[request.request_id])
+
+
 def simulate(policy_name: str, workload: Sequence[SimRequest], config: SimConfig = DEFAULT_CONFIG,
-             trace_every_s: float | None = None) -> SimResult:
-    """Replay ``workload`` through the real scheduler; one loop turn is one engine step at depth 1."""
+             trace_every_s: float | None = None, true_lengths: bool = False) -> SimResult:
+    """Replay ``workload`` through the real scheduler; one loop turn is one engine step at depth 1.
+
+    ``true_lengths``: sjf/srtf rank by the drawn lengths instead of learning them (``TrueLengths``).
+    """
     clock = SimClock()
     policy = make_policy(policy_name, clock=clock, priority_aging_s=config.priority_aging_s,
                          static_batch_size=config.static_batch_size,
                          static_batch_timeout=config.static_batch_timeout,
-                         round_robin_time_slice=config.round_robin_time_slice)
+                         round_robin_time_slice=config.round_robin_time_slice,
+                         predictor=TrueLengths(workload) if true_lengths else None)
     kv = KVCacheManager(config.num_pages, config.block_size,
                         make_reservation(config.reservation, config.reservation_beta, config.reservation_adapt),
                         enable_prefix_caching=config.enable_prefix_caching)

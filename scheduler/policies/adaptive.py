@@ -91,7 +91,7 @@ class AdaptivePolicy(SchedulingPolicy):
     name = "adaptive"
 
     def __init__(self, aging_s: float = 30.0, clock: Clock = time.monotonic, *, low_queue: float = 0.0625,
-                 high_queue: float = 0.25, overload_queue: float = 2.0, overload_ratio: float = 1.05,
+                 high_queue: float = 0.25, overload_queue: float = 4.0, overload_ratio: float = 1.05,
                  low_kv: float = 0.7, high_kv: float = 0.9, dwell_s: float = 1.0, calm_dwell_s: float = 10.0,
                  window_s: float = 20.0, horizon_s: float = 1.0, priority_window: int = 64) -> None:
         if not (low_queue < high_queue < overload_queue and low_kv < high_kv):
