@@ -26,6 +26,7 @@ _HELP = {
     "swap_space": "GiB of pinned host memory for swapped-out KV",
     "max_piecewise_tokens": "CUDA: prefill/mixed steps up to this many tokens replay piecewise CUDA graphs; 0: eager",
     "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
+    "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
@@ -38,6 +39,20 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``gold=3,free=0.5`` -> {"gold": 3.0, "free": 0.5}."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"not a TENANT=WEIGHT list: {text!r} (try gold=3,free=0.5)")
+    return out
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for field in msgspec.structs.fields(EngineConfig):
@@ -48,6 +63,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif field.name == "kv_cache_memory":
             kwargs["type"] = parse_bytes
+        elif field.name == "tenant_weights":
+            kwargs.update(type=parse_weights, default={}, help=_HELP[field.name])
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             kwargs["type"] = type(default)
         elif default is None:

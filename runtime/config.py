@@ -30,6 +30,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     static_batch_size: int = 8  # static: requests per fixed batch
     static_batch_timeout: float = 0.5  # static: seconds the oldest waits before a partial batch starts
     round_robin_time_slice: int = 8  # round-robin: steps a tenant's queue keeps its turn
+    # fair: a tenant's (request ``user``'s) share of service relative to others; unnamed tenants weigh 1
+    tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
     reservation: str = "dynamic"  # conservative | dynamic
     reservation_beta: float = 0.3  # dynamic: starting share of max_tokens promised at admission
     reservation_adapt: bool = True  # dynamic: beta follows observed output lengths and retractions
@@ -61,6 +63,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.pipeline_depth not in (1, 2, 3):
             raise ConfigError(f"pipeline_depth must be 1, 2 or 3, got {self.pipeline_depth}")
+        if any(not w > 0 for w in self.tenant_weights.values()):
+            raise ConfigError(f"tenant_weights must be > 0, got {self.tenant_weights}")
         if self.static_batch_size < 1 or self.round_robin_time_slice < 1:
             raise ConfigError("static_batch_size and round_robin_time_slice must be >= 1")
         if self.preemption_mode not in ("recompute", "swap"):

@@ -162,7 +162,7 @@ class EngineCore:
         policy = make_policy(
             config.schedule_policy, priority_aging_s=config.priority_aging_s,
             static_batch_size=config.static_batch_size, static_batch_timeout=config.static_batch_timeout,
-            round_robin_time_slice=config.round_robin_time_slice,
+            round_robin_time_slice=config.round_robin_time_slice, tenant_weights=config.tenant_weights,
         )
         swap = None
         if config.preemption_mode == "swap":

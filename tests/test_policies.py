@@ -495,6 +495,32 @@ def test_fair_share_weights_give_proportional_service():
     assert served.count("g") == pytest.approx(3 * served.count("b"), abs=2)
 
 
+def test_tenant_weights_flag_reaches_the_fair_policy(tiny_llama_dir):
+    import argparse
+
+    from runtime.cli import add_engine_args, engine_config
+    from runtime.config import ConfigError, EngineConfig
+    from runtime.engine_core import EngineCore
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--model", str(tiny_llama_dir), "--schedule-policy", "fair",
+                              "--tenant-weights", "gold=3, free=0.5", "--max-model-len", "64"])
+    config = engine_config(args)
+    assert config.tenant_weights == {"gold": 3.0, "free": 0.5}
+    core = EngineCore(config)
+    try:
+        assert core.scheduler.policy.tenant_weights == {"gold": 3.0, "free": 0.5}
+    finally:
+        core.close()
+    assert engine_config(parser.parse_args([])).tenant_weights == {}
+    for bad in ("gold", "gold=x", "=2"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--tenant-weights", bad])
+    with pytest.raises(ConfigError, match="tenant_weights"):
+        EngineConfig(tenant_weights={"gold": 0.0})
+
+
 # -- round robin ---------------------------------------------------------------------------
 def test_round_robin_alternates_queues_each_time_slice():
     clock = Clock()
