@@ -89,6 +89,10 @@ class PiecewiseGraphs:
         self.v[:n].copy_(v)
 
     def _capture(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        # Safe inputs for warm-up and capture: position 0 of the padding slot, which the token pool's
+        # poison check accepts (the next batch's staging overwrites them).
+        slots.fill_(self.token_pool.padding_slot)
+        positions.zero_()
         pool = torch.cuda.graph_pool_handle()
         for n in reversed(self.sizes):  # largest first: the smaller pieces fit in what it freed
             if n == self.sizes[-1]:

@@ -56,22 +56,23 @@ def test_streams_are_independent_and_poisson_at_their_rate():
 
 
 # -- the step-time model --------------------------------------------------------------------
-def record(i: int, tokens: int, kv: int, seconds: float) -> StepRecord:
+def record(i: int, tokens: int, kv: int, seconds: float, prefill: int = 0) -> StepRecord:
     span = (float(i), float(i))
-    return StepRecord(i, 1, tokens, 0, kv, span, span, span, span, span, (10.0 * i, 10.0 * i + seconds), 0.0)
+    return StepRecord(i, 1, tokens, prefill, kv, span, span, span, span, span, (10.0 * i, 10.0 * i + seconds), 0.0)
 
 
 def test_fit_recovers_the_coefficients_and_reports_r_squared():
     rng = random.Random(0)
-    truth = CostModel(0.004, 3e-5, 5e-8)
-    rows = [(rng.randint(1, 2048), rng.randint(0, 200_000)) for _ in range(200)]
-    exact = [record(i, t, k, truth.step_s(t, k)) for i, (t, k) in enumerate(rows)]
+    truth = CostModel(0.004, 3e-5, 5e-8, 0.003)
+    rows = [(rng.randint(1, 2048), rng.randint(0, 200_000), rng.choice([0, 0, 0, 100])) for _ in range(200)]
+    exact = [record(i, t, k, truth.step_s(t, k, p > 0), p) for i, (t, k, p) in enumerate(rows)]
     fit = fit_cost_model(exact)
     assert fit.base_s == pytest.approx(truth.base_s, rel=1e-6)
     assert fit.per_token_s == pytest.approx(truth.per_token_s, rel=1e-6)
     assert fit.per_kv_token_s == pytest.approx(truth.per_kv_token_s, rel=1e-6)
+    assert fit.per_prefill_step_s == pytest.approx(truth.per_prefill_step_s, rel=1e-6)
     assert fit.r_squared(exact) == pytest.approx(1.0)
-    noisy = [record(i, t, k, truth.step_s(t, k) * rng.uniform(0.8, 1.2)) for i, (t, k) in enumerate(rows)]
+    noisy = [record(i, t, k, truth.step_s(t, k, p > 0) * rng.uniform(0.8, 1.2), p) for i, (t, k, p) in enumerate(rows)]
     assert 0.5 < fit_cost_model(noisy).r_squared(noisy) < 0.999
 
 
@@ -95,19 +96,23 @@ def test_step_records_file_round_trip_and_cli_prints_the_fit(tmp_path: Path, cap
     assert main(["--fit-records", str(path), "--rate", "20", "--num-requests", "30", "--policies", "fcfs", "sjf",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "fitted cost model from 5 steps: a = 2 ms, b = 10 us/token, c = 10 ns/kv-token, R^2 = 1.0000" in text
+    assert ("fitted cost model from 5 steps: a = 2 ms, b = 10 us/token, c = 10 ns/kv-token, d = 0 ms/prefill step, "
+            "R^2 = 1.0000") in text
     report = json.loads(out.read_text())
-    assert report["config"]["cost"] == pytest.approx({"base_s": 0.002, "per_token_s": 1e-5, "per_kv_token_s": 1e-8})
+    assert report["config"]["cost"] == pytest.approx({"base_s": 0.002, "per_token_s": 1e-5, "per_kv_token_s": 1e-8,
+                                                      "per_prefill_step_s": 0.0})
     assert set(report["policies"]) == {"fcfs", "sjf"}
     path.write_text(json.dumps([{"num_tokens": 1}]))
     with pytest.raises(ValueError, match="lacks"):
         load_step_records(path)
 
 
-def test_cost_flag_parses_three_numbers():
+def test_cost_flag_parses_three_or_four_numbers():
     assert CostModel.parse("0.01,2e-5,0") == CostModel(0.01, 2e-5, 0.0)
-    with pytest.raises(Exception, match="a,b,c"):
-        CostModel.parse("0.01,2e-5")
+    assert CostModel.parse("0.01,2e-5,0,0.004") == CostModel(0.01, 2e-5, 0.0, 0.004)
+    for bad in ("0.01,2e-5", "1,2,3,4,5", "a,b,c"):
+        with pytest.raises(Exception, match=r"a,b,c\[,d\]"):
+            CostModel.parse(bad)
 
 
 # -- simulation -----------------------------------------------------------------------------
@@ -125,12 +130,12 @@ def test_simulator_runs_every_policy_to_completion(kind):
 def test_simulated_time_follows_the_cost_model():
     # One request alone: a 10-token prompt in one step, then one decode step per further token.
     work = [SimRequest("r", 0.0, tuple(range(10)), 5, 5)]
-    cost = CostModel(0.01, 0.001, 0.0001)
+    cost = CostModel(0.01, 0.001, 0.0001, 0.005)
     res = simulate("fcfs", work, SimConfig(cost=cost))
     kv = [10] + [11, 12, 13, 14]  # KV lengths read by the prefill and the four decodes
-    expected = cost.step_s(10, kv[0]) + sum(cost.step_s(1, k) for k in kv[1:])
+    expected = cost.step_s(10, kv[0], prefill=True) + sum(cost.step_s(1, k) for k in kv[1:])
     assert res.steps == 5 and res.sim_time_s == pytest.approx(expected)
-    assert res.requests[0].ttft == pytest.approx(cost.step_s(10, 10))
+    assert res.requests[0].ttft == pytest.approx(0.01 + 0.001 * 10 + 0.0001 * 10 + 0.005)
 
 
 def test_capacity_counts_only_while_the_queue_is_full():

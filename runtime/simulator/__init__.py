@@ -4,7 +4,8 @@
 One job per module; imports point one way (workloads, cost_model <- engine <- report <- scenarios <- cli):
 
 - ``workloads``: the simulated requests (``SimRequest``), their length distributions and Poisson streams.
-- ``cost_model``: the step-time model ``a + b * tokens + c * kv_tokens_read`` and its fit to step records.
+- ``cost_model``: the step-time model ``a + b * tokens + c * kv_tokens_read (+ d if it prefills)``
+  and its fit to step records.
 - ``engine``: ``simulate``, which replays a workload through the real scheduler on simulated time, and
   ``measure_capacity``.
 - ``report``: percentiles, per-run summaries and the tables they print as.

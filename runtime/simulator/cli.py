@@ -1,11 +1,11 @@
 """``conveyor simulate``: compare scheduling policies without a GPU.
 
 The real scheduler, policies and KV bookkeeping run; only the device is replaced, by a step-time
-model ``a + b * tokens + c * kv_tokens_read`` seconds (``CostModel``; the defaults are rough H100
-numbers for a ~0.5B model). ``--fit-records FILE`` fits a, b, c by least squares to the step
-records of a real engine (``scripts/bench_offline.py --step-records FILE``). Requests stop at an
-output length drawn by the workload, which only the simulator knows: a policy sees prompts and
-``max_tokens`` as in the engine, so an SJF predictor has to learn lengths from prompts.
+model ``a + b * tokens + c * kv_tokens_read (+ d for a step that prefills)`` seconds (``CostModel``;
+the defaults are rough H100 numbers for a ~0.5B model). ``--fit-records FILE`` fits a, b, c, d by
+least squares to the step records of a real engine (``scripts/bench_offline.py --step-records FILE``).
+Requests stop at an output length drawn by the workload, which only the simulator knows: a policy
+sees prompts and ``max_tokens`` as in the engine, so an SJF predictor has to learn lengths from prompts.
 
     conveyor simulate --workload heavy-tail --load 0.85 --policies fcfs sjf srtf
     conveyor simulate --scenario sjf            # sjf, priority, fair, static, adaptive or all
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real engine: write every step's StepRecord here (a file --fit-records reads)")
     c = p.add_argument_group("step-time model")
     cost = c.add_mutually_exclusive_group()
-    cost.add_argument("--cost", type=CostModel.parse, default=None, metavar="A,B,C",
-                      help="step seconds = A + B * tokens + C * kv tokens read (default: "
+    cost.add_argument("--cost", type=CostModel.parse, default=None, metavar="A,B,C[,D]",
+                      help="step seconds = A + B * tokens + C * kv tokens read (+ D if it prefills) (default: "
                       f"{','.join(f'{v:g}' for v in msgspec.structs.astuple(d.cost))})")
     cost.add_argument("--fit-records", type=Path, default=None, metavar="FILE",
                       help="fit A, B, C to a JSON array of StepRecords (bench_offline.py --step-records)")
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cost = fit_cost_model(records)
         print(f"fitted cost model from {len(records)} steps: a = {cost.base_s * 1e3:.4g} ms, "
               f"b = {cost.per_token_s * 1e6:.4g} us/token, c = {cost.per_kv_token_s * 1e9:.4g} ns/kv-token, "
-              f"R^2 = {cost.r_squared(records):.4f}")
+              f"d = {cost.per_prefill_step_s * 1e3:.4g} ms/prefill step, R^2 = {cost.r_squared(records):.4f}")
     config = SimConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_pages=args.num_pages, block_size=args.block_size,

@@ -139,7 +139,7 @@ def simulate(policy_name: str, workload: Sequence[SimRequest], config: SimConfig
         for seq in batch.seqs:
             admitted.setdefault(seq.request.request_id, clock.now)
         shape = (batch.num_tokens, sum(q.kv_len for q in batch.seqs))  # as StepRecord counts them
-        clock.now += cost.step_s(*shape)
+        clock.now += cost.step_s(*shape, prefill=batch.num_prefill_tokens > 0)
         result.shapes.append(shape)
         result.steps += 1
         for seq in batch.seqs:
