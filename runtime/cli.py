@@ -26,6 +26,7 @@ _HELP = {
     "swap_space": "GiB of pinned host memory for swapped-out KV",
     "max_piecewise_tokens": "CUDA: prefill/mixed steps up to this many tokens replay piecewise CUDA graphs; 0: eager",
     "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
+    "length_predictor_path": "sjf/srtf/adaptive: keep what the length predictor learned in this file across restarts",
     "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
@@ -68,7 +69,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             kwargs["type"] = type(default)
         elif default is None:
-            kwargs["type"] = str if field.name in ("served_model_name", "tokenizer") else int
+            kwargs["type"] = str if field.name in ("served_model_name", "tokenizer", "length_predictor_path") else int
         group.add_argument(flag, **kwargs)
 
 

@@ -30,6 +30,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     static_batch_size: int = 8  # static: requests per fixed batch
     static_batch_timeout: float = 0.5  # static: seconds the oldest waits before a partial batch starts
     round_robin_time_slice: int = 8  # round-robin: steps a tenant's queue keeps its turn
+    # sjf/srtf/adaptive: where the length predictor's learning is read at start and written at close
+    length_predictor_path: str | None = None
     # fair: a tenant's (request ``user``'s) share of service relative to others; unnamed tenants weigh 1
     tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
     reservation: str = "dynamic"  # conservative | dynamic

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
 import time
+from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
@@ -25,6 +26,7 @@ from runtime.input_processor import InputProcessor
 from runtime.model_runner import ModelRunner, staging_regions
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
+from runtime.predictor_store import load_predictor, save_predictor
 from runtime.step_stats import StepRecord
 from scheduler import (
     FinishReason,
@@ -164,6 +166,14 @@ class EngineCore:
             static_batch_size=config.static_batch_size, static_batch_timeout=config.static_batch_timeout,
             round_robin_time_slice=config.round_robin_time_slice, tenant_weights=config.tenant_weights,
         )
+        self._predictor = getattr(policy, "predictor", None)  # sjf, srtf and adaptive learn lengths
+        self._predictor_path = Path(config.length_predictor_path) if config.length_predictor_path else None
+        if self._predictor_path is not None:
+            if self._predictor is None:
+                raise ConfigError(f"--length-predictor-path needs a policy that predicts lengths (sjf, srtf, "
+                                  f"adaptive), not {config.schedule_policy}")
+            if self._predictor_path.exists():
+                load_predictor(self._predictor, self._predictor_path)
         swap = None
         if config.preemption_mode == "swap":
             swap = SwapSpace(int(config.swap_space * 2**30) // self.kv_pool.page_bytes)
@@ -364,6 +374,8 @@ class EngineCore:
         while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
             self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
+        if self._predictor_path is not None:
+            save_predictor(self._predictor, self._predictor_path)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -17,6 +17,11 @@ seen once or twice, so they learn noise and cost ~0.05 of tau on the heavy-tail 
 
 Ranking quality is what SJF needs, so it reports Kendall's tau-b between the prediction made
 when a request arrived and its actual length, over a window of recent finishes.
+
+What it has learned is a ``PredictorState`` (``state`` / ``load_state``), which the engine writes to
+``--length-predictor-path`` when it closes and reads when it starts: a restarted server ranks its
+first requests as well as the old one ranked its last. Prefix keys are ``hash()`` of int tuples,
+which Python does not salt, so they mean the same in every process.
 """
 
 from __future__ import annotations
@@ -26,9 +31,23 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 
+import msgspec
+
 from scheduler.request import Request
 
 PREFIX_LENGTHS = (1, 2, 4, 8, 16, 32)
+
+
+class PredictorState(msgspec.Struct, frozen=True):
+    """Everything a ``LengthPredictor`` has learned, as plain data (msgspec encodes it)."""
+
+    num_features: int
+    prefix_lengths: tuple[int, ...]
+    prefix_stats: list[tuple[int, float, float]]  # (prefix key, finishes, sum of log1p(length))
+    total: tuple[float, float]
+    weights: dict[int, float]  # the correction's non-zero weights
+    recent: list[tuple[float, int]]  # (predicted at arrival, actual): the tau window
+    num_observed: int
 
 
 class LengthPredictor:
@@ -100,6 +119,31 @@ class LengthPredictor:
         self.total[0] += 1
         self.total[1] += y
         self.num_observed += 1
+
+    # -- what it learned ---------------------------------------------------------------------
+    def state(self) -> PredictorState:
+        return PredictorState(
+            self.num_features, PREFIX_LENGTHS, [(k, v[0], v[1]) for k, v in self.prefix_stats.items()],
+            (self.total[0], self.total[1]), {i: w for i, w in enumerate(self.weights) if w},
+            list(self.recent), self.num_observed)
+
+    def load_state(self, state: PredictorState) -> None:
+        """Continue from ``state``; it must come from a predictor with the same features."""
+        if state.num_features != self.num_features or tuple(state.prefix_lengths) != PREFIX_LENGTHS:
+            raise ValueError(f"predictor state has {state.num_features} features and prefixes "
+                             f"{tuple(state.prefix_lengths)}; this predictor has {self.num_features} and "
+                             f"{PREFIX_LENGTHS}")
+        if any(not 0 <= i < self.num_features for i in state.weights):
+            raise ValueError("predictor state has a weight index outside its features")
+        self.prefix_stats = {k: [n, total] for k, n, total in state.prefix_stats}
+        self.total = list(state.total)
+        self.weights = [0.0] * self.num_features
+        for i, w in state.weights.items():
+            self.weights[i] = w
+        self.recent.clear()
+        self.recent.extend(state.recent)
+        self.num_observed = state.num_observed
+        self._tau = (-1, 0.0)
 
     def kendall_tau(self) -> float:
         """Kendall's tau-b of (predicted at arrival, actual) over the recent window; 0 if undefined.

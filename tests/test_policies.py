@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -403,6 +404,57 @@ def test_predictor_ranks_better_after_learning_from_finished_requests():
     after = kendall_tau([pred.predict(r) for r, _ in holdout], actual)
     assert before < 0.2 and after > 0.6, (before, after)
     assert pred.kendall_tau() > 0.5  # the reported tau (predictions made at arrival, recent window)
+
+
+def test_predictor_state_round_trips_through_json():
+    import msgspec
+
+    from scheduler.length_predictor import PredictorState
+
+    rng = random.Random(0)
+    pred = LengthPredictor(window=50)
+    for i in range(200):
+        r, a = synthetic(rng, str(i))
+        pred.observe(r, a, pred.predict(r))
+    state = msgspec.json.decode(msgspec.json.encode(pred.state()), type=PredictorState)
+    restored = LengthPredictor(window=50)
+    restored.load_state(state)
+    probes = [synthetic(rng, f"p{i}")[0] for i in range(50)]
+    assert [restored.predict(r) for r in probes] == [pred.predict(r) for r in probes]
+    assert restored.metrics() == pred.metrics() and restored.num_observed == 200
+    with pytest.raises(ValueError, match="features"):
+        LengthPredictor(num_features=64).load_state(state)
+
+
+def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
+    from runtime import EngineConfig
+    from runtime.config import ConfigError
+    from runtime.engine_core import EngineCore
+
+    path = tmp_path / "predictor.json"
+    config = EngineConfig(model=str(tiny_llama_dir), schedule_policy="srtf", max_model_len=64,
+                          length_predictor_path=str(path))
+    core = EngineCore(config)
+    for i, n in enumerate((3, 9, 3, 9, 5)):
+        core.add_request(core.inputs.make_request([5, 6, i], SamplingParams(max_tokens=n, ignore_eos=True)))
+    while core.has_work():
+        core.step()
+    learned = core.scheduler.policy.predictor
+    probe = core.inputs.make_request([5, 6, 7], SamplingParams(max_tokens=20))
+    expected = learned.predict(probe)
+    core.close()
+    assert path.exists()
+    again = EngineCore(msgspec.structs.replace(config, schedule_policy="adaptive"))  # adaptive predicts too
+    try:
+        assert again.scheduler.policy.predictor.num_observed == 5
+        assert again.scheduler.policy.predictor.predict(probe) == expected != LengthPredictor().predict(probe)
+    finally:
+        again.close()
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="predictor.json"):
+        EngineCore(config)
+    with pytest.raises(ConfigError, match="predicts lengths"):
+        EngineCore(msgspec.structs.replace(config, schedule_policy="fcfs"))
 
 
 def test_sjf_metrics_report_kendall_tau_of_predictions_at_arrival_and_actual_lengths():
