@@ -42,15 +42,16 @@ def parse_bytes(text: str) -> int:
 
 def parse_weights(text: str) -> dict[str, float]:
     """``gold=3,free=0.5`` -> {"gold": 3.0, "free": 0.5}."""
+    bad = argparse.ArgumentTypeError(f"not a TENANT=WEIGHT list: {text!r} (try gold=3,free=0.5)")
     out: dict[str, float] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        name, sep, value = item.partition("=")
+        name, _, value = (x.strip() for x in item.partition("="))
+        if not name:
+            raise bad
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)  # "gold" alone has an empty value: not a float either
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(f"not a TENANT=WEIGHT list: {text!r} (try gold=3,free=0.5)")
+            raise bad from None
     return out
 
 

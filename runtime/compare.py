@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from runtime.cli import add_engine_args, engine_config
 from runtime.config import EngineConfig
+from runtime.loadgen.workloads import parse_range
 
 if TYPE_CHECKING:
     from runtime.engine_core import EngineCore
@@ -378,17 +379,6 @@ def write_plot(res: CompareResult, path: Path) -> Path:
 
 
 # -- the command line -----------------------------------------------------------------------
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        lo_hi = (int(lo), int(hi or lo))
-    except ValueError:
-        lo_hi = (0, 0)
-    if not 1 <= lo_hi[0] <= lo_hi[1]:
-        raise argparse.ArgumentTypeError(f"not a length range LO:HI with 1 <= LO <= HI: {text!r}")
-    return lo_hi
-
-
 def parse_strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STRATEGIES]

@@ -36,13 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.cli import add_engine_args, engine_config  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
+from runtime.loadgen.workloads import parse_range  # noqa: E402
 from runtime.step_stats import StepRecord  # noqa: E402
 from scheduler import SamplingParams  # noqa: E402
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
 
 
 def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:

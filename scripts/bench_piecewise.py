@@ -27,11 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.cli import add_engine_args, engine_config  # noqa: E402
 from runtime.compare import WorkItem, replay, warm_up  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
+from runtime.loadgen.workloads import parse_range  # noqa: E402
 
 
 def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:

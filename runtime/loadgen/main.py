@@ -18,16 +18,9 @@ from runtime.loadgen import arrivals, workloads
 from runtime.loadgen.client import RequestOptions, RequestRecord, first_model, send_completion
 from runtime.loadgen.report import RunResult, format_table, parse_slo, summarize
 from runtime.loadgen.runner import run_load
+from runtime.loadgen.workloads import parse_range
 
 WORKLOADS = ("random", "lengths", *workloads.PRESETS)
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    lo_hi = (int(lo), int(hi or lo))
-    if not 1 <= lo_hi[0] <= lo_hi[1]:
-        raise argparse.ArgumentTypeError(f"not a length range LO:HI with 1 <= LO <= HI: {text!r}")
-    return lo_hi
 
 
 def parse_rates(text: str) -> list[float]:

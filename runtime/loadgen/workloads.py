@@ -9,6 +9,7 @@ server-reported ``prompt_tokens`` in the result says what it really was.
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,18 @@ from typing import Any
 from runtime.loadgen.arrivals import read_length_rows
 
 CORPUS = (Path(__file__).parent / "corpus.txt").read_text()
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``--input-len`` / ``--output-len``: ``LO:HI`` (uniform) or one number, 1 <= LO <= HI."""
+    lo, _, hi = text.partition(":")
+    try:
+        lo_hi = (int(lo), int(hi or lo))
+    except ValueError:
+        lo_hi = (0, 0)
+    if not 1 <= lo_hi[0] <= lo_hi[1]:
+        raise argparse.ArgumentTypeError(f"not a length range LO:HI with 1 <= LO <= HI: {text!r}")
+    return lo_hi
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The scenarios on the real engine: the same workloads, replayed on the wall clock through ``EngineCore``
 (real model forward, real scheduler and policy), summarised by the same code as the simulator.
 
-``RealRunner`` stands in for ``simulate`` (and so, passed to ``measure_capacity``, measures capacity): a scenario asks it to run a policy
-on a workload under a ``SimConfig`` (whose limits and KV pool size become the engine's) and gets a
-``SimResult`` back. What differs from the simulator, on purpose:
+``RealRunner`` stands in for ``simulate`` (and so, passed to ``measure_capacity``, measures capacity):
+a scenario asks it to run a policy on a workload under a ``SimConfig`` (whose limits and KV pool size
+become the engine's) and gets a ``SimResult`` back. What differs from the simulator, on purpose:
 
 - Time is wall time. Capacity is measured on the engine too, the simulator's way (everything queued at
   t = 0, fcfs, requests finished by the last admission over the time it took), never taken from the
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import msgspec
 
 from runtime.config import EngineConfig
+from runtime.outputs import RequestOutput
 from runtime.simulator.engine import RequestStat, SimConfig, SimResult
 from runtime.simulator.workloads import SimRequest
 from scheduler import FinishReason, Request, SamplingParams
@@ -85,10 +86,12 @@ class RealRunner:
                     result.trace.append((elapsed, core.scheduler.policy.metrics()))
                     next_trace = elapsed + trace_every_s
 
-            def stop_at_drawn_length(_outputs: object) -> None:
-                for req in live:
-                    if not req.is_finished and len(req.output_token_ids) >= target[req.request_id]:
-                        core.abort_request(req.request_id, FinishReason.STOP)
+            def stop_at_drawn_length(outputs: list[RequestOutput]) -> None:
+                # Every sampled token comes out as one output, so only this step's can reach their length
+                # (scanning every request instead cost ~0.2 ms a step at 3,000 requests, on the wall clock).
+                for out in outputs:
+                    if not out.finished and out.num_output_tokens >= target[out.request_id]:
+                        core.abort_request(out.request_id, FinishReason.STOP)
 
             _, t0 = replay(core, work, lambda w: w.arrival, make_request, before_step=trace,
                            after_step=stop_at_drawn_length)
