@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memory.index_allocator import IndexAllocator
-from memory.radix_cache import PrefixMatch, RadixCache, RadixNode
-from memory.reservation import ReservationPolicy
+from conveyor.memory.index_allocator import IndexAllocator
+from conveyor.memory.radix_cache import PrefixMatch, RadixCache, RadixNode
+from conveyor.memory.reservation import ReservationPolicy
 
 
 class IntegrityError(AssertionError):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from memory.kv_pool import KVPool
-from memory.swap_space import SwapKind, SwapOp
+from conveyor.memory.kv_pool import KVPool
+from conveyor.memory.swap_space import SwapKind, SwapOp
 
 
 class KVSwapper:

@@ -1,9 +1,9 @@
 """Models: configs, weight loading, the Llama-family decoder, attention backends and sampling."""
 
-from model.config import ModelConfig, ModelConfigError
-from model.decoder import DecoderModel
-from model.loader import ModelNotFoundError, ModelSource, load_model, resolve_model
-from model.weights import WeightsError
+from conveyor.model.config import ModelConfig, ModelConfigError
+from conveyor.model.decoder import DecoderModel
+from conveyor.model.loader import ModelNotFoundError, ModelSource, load_model, resolve_model
+from conveyor.model.weights import WeightsError
 
 __all__ = [
     "DecoderModel",

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention.backend import AttentionBackend, AttentionMetadata
-from model.config import ModelConfig
-from model.kernels import FlashInferKernels, TorchKernels, make_kernels
+from conveyor.model.attention.backend import AttentionBackend, AttentionMetadata
+from conveyor.model.config import ModelConfig
+from conveyor.model.kernels import FlashInferKernels, TorchKernels, make_kernels
 
 Kernels = TorchKernels | FlashInferKernels
 

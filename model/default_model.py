@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from model.gguf_convert import convert_gguf
+from conveyor.model.gguf_convert import convert_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = ("default", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")

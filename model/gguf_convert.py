@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from model.weights import WeightsError
+from conveyor.model.weights import WeightsError
 
 # GGUF architecture -> (HF model_type, metadata prefix). Mistral GGUFs say "llama".
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -12,8 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from model.config import RopeConfig
-from model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_inv_freq, silu_and_mul
+from conveyor.model.config import RopeConfig
+from conveyor.model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_inv_freq, silu_and_mul
 
 
 class _Linear:

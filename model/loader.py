@@ -9,12 +9,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from model.config import ModelConfig
-from model.decoder import DecoderModel
-from model.default_model import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME, cache_root, default_model_dir
-from model.gguf_convert import convert_gguf
-from model.presets import PRESETS
-from model.weights import WeightsError, empty_model, init_dummy, iter_safetensors, load_hf_tensors
+from conveyor.model.config import ModelConfig
+from conveyor.model.decoder import DecoderModel
+from conveyor.model.default_model import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME, cache_root, default_model_dir
+from conveyor.model.gguf_convert import convert_gguf
+from conveyor.model.presets import PRESETS
+from conveyor.model.weights import WeightsError, empty_model, init_dummy, iter_safetensors, load_hf_tensors
 
 
 class ModelNotFoundError(FileNotFoundError):

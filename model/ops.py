@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.config import RopeConfig
+from conveyor.model.config import RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

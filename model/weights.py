@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors import SafetensorError
 
-from model.config import ModelConfig
-from model.decoder import DecoderModel
+from conveyor.model.config import ModelConfig
+from conveyor.model.decoder import DecoderModel
 
 
 class WeightsError(ValueError):

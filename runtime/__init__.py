@@ -1,19 +1,19 @@
 """The engine pipeline, the async API, the sync LLM facade, the server and the CLI."""
 
-from runtime.config import ConfigError, EngineConfig
-from runtime.outputs import RequestOutput
-from scheduler import InvalidRequestError, SamplingParams
+from conveyor.runtime.config import ConfigError, EngineConfig
+from conveyor.runtime.outputs import RequestOutput
+from conveyor.scheduler import InvalidRequestError, SamplingParams
 
 __all__ = ["AsyncEngine", "ConfigError", "EngineConfig", "InvalidRequestError", "LLM", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):  # the heavy facades import torch and the model only when asked for
     if name == "AsyncEngine":
-        from runtime.async_engine import AsyncEngine
+        from conveyor.runtime.async_engine import AsyncEngine
 
         return AsyncEngine
     if name == "LLM":
-        from runtime.llm import LLM
+        from conveyor.runtime.llm import LLM
 
         return LLM
     raise AttributeError(name)

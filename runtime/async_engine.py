@@ -14,11 +14,11 @@ from typing import Any, AsyncIterator
 
 import structlog
 
-from runtime.config import EngineConfig
-from runtime.engine_core import STALL_POLL_S, EngineCore, EngineStats
-from runtime.input_processor import Prompt
-from runtime.outputs import RequestOutput
-from scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine_core import STALL_POLL_S, EngineCore, EngineStats
+from conveyor.runtime.input_processor import Prompt
+from conveyor.runtime.outputs import RequestOutput
+from conveyor.scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
 
 log = structlog.get_logger("conveyor.engine")
 

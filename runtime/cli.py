@@ -1,4 +1,4 @@
-"""``conveyor`` (and ``python -m runtime``): generate, chat; engine flags follow vLLM's names."""
+"""``conveyor`` (and ``python -m conveyor``): generate, chat; engine flags follow vLLM's names."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import msgspec
 
-from runtime.config import EngineConfig
-from runtime.logging import configure_logging
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.logging import configure_logging
 
 _HELP = {
     "model": "'default' (SmolLM2-135M-Instruct), a preset, an HF directory or a .gguf file",
@@ -91,7 +91,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from scheduler import SamplingParams
+    from conveyor.scheduler import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -100,7 +100,7 @@ def sampling_params(args: argparse.Namespace):
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from runtime.async_engine import AsyncEngine
+    from conveyor.runtime.async_engine import AsyncEngine
 
     engine = await AsyncEngine.create(engine_config(args))
     try:
@@ -115,7 +115,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from runtime.async_engine import AsyncEngine
+    from conveyor.runtime.async_engine import AsyncEngine
 
     engine = await AsyncEngine.create(engine_config(args))
     history: list[dict[str, str]] = []
@@ -146,8 +146,8 @@ async def _chat(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from runtime.server.app import ServerSettings
-    from runtime.server.serve import serve
+    from conveyor.runtime.server.app import ServerSettings
+    from conveyor.runtime.server.serve import serve
 
     settings = ServerSettings(
         host=args.host, port=args.port, max_waiting_requests=args.max_waiting_requests,
@@ -211,15 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
-        from runtime.loadgen import main as loadgen_main
+        from conveyor.runtime.loadgen import main as loadgen_main
 
         return loadgen_main(args.args)
     if args.command == "compare":
-        from runtime.compare import main as compare_main
+        from conveyor.runtime.compare import main as compare_main
 
         return compare_main(args.args)
     if args.command == "simulate":
-        from runtime.simulator import main as simulate_main
+        from conveyor.runtime.simulator import main as simulate_main
 
         return simulate_main(args.args)
     try:

@@ -42,14 +42,14 @@ import msgspec
 import numpy as np
 from tqdm import tqdm
 
-from runtime.cli import add_engine_args, engine_config
-from runtime.config import EngineConfig
-from runtime.loadgen.workloads import parse_range
+from conveyor.runtime.cli import add_engine_args, engine_config
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.loadgen.workloads import parse_range
 
 if TYPE_CHECKING:
-    from runtime.engine_core import EngineCore
-    from runtime.outputs import RequestOutput
-    from scheduler import Request
+    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.outputs import RequestOutput
+    from conveyor.scheduler import Request
 
 T = TypeVar("T")
 
@@ -147,7 +147,7 @@ class CompareResult(msgspec.Struct, kw_only=True):
 # -- the workload ---------------------------------------------------------------------------
 def read_lengths(path: Path, n: int | None) -> list[tuple[int, int]]:
     """(prompt, output) tokens per request from a CSV/JSONL length mix, in file order, repeated to ``n``."""
-    from runtime.loadgen.arrivals import read_length_rows
+    from conveyor.runtime.loadgen.arrivals import read_length_rows
 
     rows = [(max(r.prompt_tokens, 1), max(r.output_tokens, 1)) for r in read_length_rows(path, with_time=False)]
     return [rows[i % len(rows)] for i in range(n or len(rows))]
@@ -155,7 +155,7 @@ def read_lengths(path: Path, n: int | None) -> list[tuple[int, int]]:
 
 def build_workload(spec: WorkloadSpec, vocab_size: int) -> list[WorkItem]:
     """Random token ids; the draws follow scripts/bench_offline.py's, so W1 is the same there and here."""
-    from runtime.loadgen.arrivals import arrival_offsets
+    from conveyor.runtime.loadgen.arrivals import arrival_offsets
 
     rng = random.Random(spec.seed)
     rate = math.inf if spec.request_rate is None else spec.request_rate
@@ -176,7 +176,7 @@ def strategy_config(base: EngineConfig, name: str) -> EngineConfig:
 
 
 def _padding_counters(core: EngineCore) -> tuple[int, int]:
-    from scheduler.policies import StaticBatchPolicy
+    from conveyor.scheduler.policies import StaticBatchPolicy
 
     policy = core.scheduler.policy
     if isinstance(policy, StaticBatchPolicy):
@@ -186,8 +186,8 @@ def _padding_counters(core: EngineCore) -> tuple[int, int]:
 
 def warm_up(core: EngineCore, items: list[WorkItem], n: int, temperature: float) -> None:
     """A few short requests, untimed: first-call costs (kernel plans, allocator) stay out of the numbers."""
-    from runtime.engine_core import STALL_POLL_S
-    from scheduler import SamplingParams
+    from conveyor.runtime.engine_core import STALL_POLL_S
+    from conveyor.scheduler import SamplingParams
 
     params = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True)
     vocab = core.model_config.vocab_size
@@ -210,7 +210,7 @@ def replay(core: EngineCore, items: Sequence[T], arrival_s: Callable[[T], float]
     ``make_request(item, t0)`` builds an item's request; ``before_step(seconds since t0)`` runs every
     loop turn after arrivals are submitted, ``after_step(outputs)`` after every step.
     """
-    from runtime.engine_core import STALL_POLL_S
+    from conveyor.runtime.engine_core import STALL_POLL_S
 
     pending = deque(sorted(items, key=arrival_s))
     reqs: list[Request] = []
@@ -237,7 +237,7 @@ def replay(core: EngineCore, items: Sequence[T], arrival_s: Callable[[T], float]
 def _drive(core: EngineCore, items: list[WorkItem], temperature: float,
            progress: str | None) -> tuple[list[Request], float]:
     """Feed each request at its arrival offset and step until all finish; the requests and the start time."""
-    from scheduler import SamplingParams
+    from conveyor.scheduler import SamplingParams
 
     def make_request(item: WorkItem, t0: float) -> Request:
         params = SamplingParams(temperature=temperature, max_tokens=item.output_len, ignore_eos=True)
@@ -260,7 +260,7 @@ def run_strategy(name: str, base: EngineConfig, items: list[WorkItem], *, warmup
     """One engine for one strategy, on ``items``; the engine is closed and freed before this returns."""
     import torch
 
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime.engine_core import EngineCore
 
     config = strategy_config(base, name)
     core = EngineCore(config)
@@ -466,7 +466,7 @@ def run_compare(argv: Sequence[str] | None = None) -> CompareResult:
         args.static_batch_size = args.max_num_seqs
     base = engine_config(args)
 
-    from model import resolve_model
+    from conveyor.model import resolve_model
 
     items = build_workload(spec, resolve_model(base.model, base.load_format).config.vocab_size)
     results = []

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from memory import KVPool, PinnedStaging, TokenPool
-from model.attention import AttentionMetadata
-from model.attention.flashinfer_backend import PlanFence, append_kv, decode_uses_tensor_cores
-from model.decoder import DecoderModel
+from conveyor.memory import KVPool, PinnedStaging, TokenPool
+from conveyor.model.attention import AttentionMetadata
+from conveyor.model.attention.flashinfer_backend import PlanFence, append_kv, decode_uses_tensor_cores
+from conveyor.model.decoder import DecoderModel
 
 
 def capture_sizes(max_batch: int) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
-from scheduler import SamplingParams
+from conveyor.scheduler import SamplingParams
 
 
 class IncrementalDetokenizer:

@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING, NamedTuple
 import structlog
 import torch
 
-from memory import KVCacheManager, KVPool, PinnedStaging, SwapSpace, TokenPool, make_reservation
-from memory.kv_swapper import KVSwapper
-from model import load_model, resolve_model
-from model.attention import AttentionBackend, TorchPagedAttention
-from model.tokenizer import load_tokenizer
-from runtime.config import ConfigError, EngineConfig
-from runtime.executor import CpuExecutor, CudaExecutor, Launched
-from runtime.input_processor import InputProcessor
-from runtime.model_runner import ModelRunner, staging_regions
-from runtime.output_processor import OutputProcessor
-from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
-from runtime.predictor_store import load_predictor, save_predictor
-from runtime.step_stats import StepRecord
-from scheduler import (
+from conveyor.memory import KVCacheManager, KVPool, PinnedStaging, SwapSpace, TokenPool, make_reservation
+from conveyor.memory.kv_swapper import KVSwapper
+from conveyor.model import load_model, resolve_model
+from conveyor.model.attention import AttentionBackend, TorchPagedAttention
+from conveyor.model.tokenizer import load_tokenizer
+from conveyor.runtime.config import ConfigError, EngineConfig
+from conveyor.runtime.executor import CpuExecutor, CudaExecutor, Launched
+from conveyor.runtime.input_processor import InputProcessor
+from conveyor.runtime.model_runner import ModelRunner, staging_regions
+from conveyor.runtime.output_processor import OutputProcessor
+from conveyor.runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
+from conveyor.runtime.predictor_store import load_predictor, save_predictor
+from conveyor.runtime.step_stats import StepRecord
+from conveyor.scheduler import (
     FinishReason,
     PoolWrite,
     Request,
@@ -41,7 +41,7 @@ from scheduler import (
 )
 
 if TYPE_CHECKING:
-    from model.attention.flashinfer_backend import FlashInferAttention
+    from conveyor.model.attention.flashinfer_backend import FlashInferAttention
 
 log = structlog.get_logger("conveyor.engine")
 
@@ -189,14 +189,14 @@ class EngineCore:
         if swap is not None:
             self.runner.swapper = KVSwapper(self.kv_pool)
         if self._uses_graphs:
-            from runtime.cuda_graphs import DecodeGraphs
+            from conveyor.runtime.cuda_graphs import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.model, self.kv_pool, self.token_pool, staging,
                                               min(config.max_num_seqs, MAX_GRAPH_BATCH), backend.workspace,
                                               batch_invariant=config.batch_invariant)
             max_pieces = min(config.max_piecewise_tokens, config.max_num_batched_tokens)
             if max_pieces > 0:
-                from runtime.piecewise_graphs import PiecewiseGraphs
+                from conveyor.runtime.piecewise_graphs import PiecewiseGraphs
 
                 self.runner.pieces = PiecewiseGraphs(self.model, self.kv_pool, self.token_pool, staging, max_pieces)
         self.pipeline_depth = config.pipeline_depth
@@ -229,7 +229,7 @@ class EngineCore:
     def _make_attention_backend(self) -> TorchPagedAttention | FlashInferAttention:
         mcfg = self.model_config
         if self.device.type == "cuda":
-            from model.attention.flashinfer_backend import FlashInferAttention
+            from conveyor.model.attention.flashinfer_backend import FlashInferAttention
 
             return FlashInferAttention(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.config.block_size,
                                        self.device, batch_invariant=self.config.batch_invariant)
@@ -245,7 +245,7 @@ class EngineCore:
         free, total = torch.cuda.mem_get_info(self.device)
         graphs = 0
         if self._uses_graphs:
-            from runtime.cuda_graphs import capture_sizes
+            from conveyor.runtime.cuda_graphs import capture_sizes
 
             # Each captured graph keeps its own fp32 logits output alive.
             graphs = sum(capture_sizes(min(cfg.max_num_seqs, MAX_GRAPH_BATCH))) * self.model.output_vocab * 4 + (256 << 20)

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from model.sampling import Logprobs, SamplerOutput
-from runtime.model_runner import ModelRunner, PreparedBatch
+from conveyor.model.sampling import Logprobs, SamplerOutput
+from conveyor.runtime.model_runner import ModelRunner, PreparedBatch
 
 
 class BatchResult(NamedTuple):

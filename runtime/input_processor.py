@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
-from scheduler import InvalidRequestError, Request, SamplingParams
+from conveyor.scheduler import InvalidRequestError, Request, SamplingParams
 
 Prompt = str | Sequence[int]
 

@@ -8,11 +8,11 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 
-from runtime.config import EngineConfig
-from runtime.engine_core import STALL_POLL_S, EngineCore
-from runtime.input_processor import Prompt
-from runtime.outputs import Completion
-from scheduler import SamplingParams
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine_core import STALL_POLL_S, EngineCore
+from conveyor.runtime.input_processor import Prompt
+from conveyor.runtime.outputs import Completion
+from conveyor.scheduler import SamplingParams
 
 
 class LLM:

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from memory import KVPool, PinnedStaging, TokenPool
-from memory.kv_swapper import KVSwapper
-from model.attention import AttentionBackend, AttentionMetadata
-from model.decoder import DecoderModel
-from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
-from scheduler import ScheduledBatch, ScheduledSeq
+from conveyor.memory import KVPool, PinnedStaging, TokenPool
+from conveyor.memory.kv_swapper import KVSwapper
+from conveyor.model.attention import AttentionBackend, AttentionMetadata
+from conveyor.model.decoder import DecoderModel
+from conveyor.model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
+from conveyor.scheduler import ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
-    from runtime.cuda_graphs import DecodeGraphs
-    from runtime.piecewise_graphs import PiecewiseGraphs
+    from conveyor.runtime.cuda_graphs import DecodeGraphs
+    from conveyor.runtime.piecewise_graphs import PiecewiseGraphs
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from runtime.detokenizer import IncrementalDetokenizer
-from runtime.outputs import RequestOutput, SampleLogprobs
-from scheduler import FinishReason, Request, ScheduledBatch, Scheduler
+from conveyor.runtime.detokenizer import IncrementalDetokenizer
+from conveyor.runtime.outputs import RequestOutput, SampleLogprobs
+from conveyor.scheduler import FinishReason, Request, ScheduledBatch, Scheduler
 
 
 class OutputProcessor:

@@ -26,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from memory import KVPool, PinnedStaging, TokenPool
-from model.attention import AttentionBackend, AttentionMetadata
-from model.decoder import DecoderModel
+from conveyor.memory import KVPool, PinnedStaging, TokenPool
+from conveyor.model.attention import AttentionBackend, AttentionMetadata
+from conveyor.model.decoder import DecoderModel
 
 MIN_TOKENS = 16
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from runtime.config import ConfigError
-from scheduler.length_predictor import LengthPredictor, PredictorState
+from conveyor.runtime.config import ConfigError
+from conveyor.scheduler.length_predictor import LengthPredictor, PredictorState
 
 log = structlog.get_logger("conveyor.policy")
 

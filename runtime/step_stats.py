@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
-from scheduler import ScheduledBatch
+from conveyor.scheduler import ScheduledBatch
 
 
 class StepRecord(NamedTuple):

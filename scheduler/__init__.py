@@ -1,11 +1,11 @@
 """Requests and their states, scheduling policies, batch building, admission and preemption."""
 
-from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
-from scheduler.errors import InvalidRequestError
-from scheduler.params import SamplingParams
-from scheduler.policy import FCFSPolicy, SchedulingPolicy, make_policy
-from scheduler.request import FinishReason, Request, RequestStatus
-from scheduler.scheduler import Scheduler, SchedulerLimits
+from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
+from conveyor.scheduler.errors import InvalidRequestError
+from conveyor.scheduler.params import SamplingParams
+from conveyor.scheduler.policy import FCFSPolicy, SchedulingPolicy, make_policy
+from conveyor.scheduler.request import FinishReason, Request, RequestStatus
+from conveyor.scheduler.scheduler import Scheduler, SchedulerLimits
 
 __all__ = [
     "FCFSPolicy",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memory.swap_space import SwapOp
-from scheduler.request import Request
+from conveyor.memory.swap_space import SwapOp
+from conveyor.scheduler.request import Request
 
 
 @dataclass(frozen=True)

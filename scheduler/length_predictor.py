@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from scheduler.request import Request
+from conveyor.scheduler.request import Request
 
 PREFIX_LENGTHS = (1, 2, 4, 8, 16, 32)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from scheduler.errors import InvalidRequestError
+from conveyor.scheduler.errors import InvalidRequestError
 
 
 MAX_LOGPROBS = 20

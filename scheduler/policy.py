@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
-from scheduler.request import Request
+from conveyor.scheduler.request import Request
 
 
 class SchedulerLoad(NamedTuple):
@@ -119,6 +119,6 @@ class FCFSPolicy(SchedulingPolicy):
 def make_policy(name: str, **options: object) -> SchedulingPolicy:
     """The policy called ``name``; ``options`` are its knobs (see ``scheduler.policies.build``)."""
     # Imported here: the policies import this module for FCFSPolicy.
-    from scheduler.policies import build
+    from conveyor.scheduler.policies import build
 
     return build(name, **options)

@@ -12,7 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from scheduler.params import SamplingParams
+from conveyor.scheduler.params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

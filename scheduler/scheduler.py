@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace
-from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
-from scheduler.policy import SchedulerLoad, SchedulingPolicy
-from scheduler.request import FinishReason, Request, RequestStatus
+from conveyor.memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace
+from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
+from conveyor.scheduler.policy import SchedulerLoad, SchedulingPolicy
+from conveyor.scheduler.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.cli import add_engine_args, engine_config, parse_bytes  # noqa: E402
+from conveyor.runtime.cli import add_engine_args, engine_config, parse_bytes  # noqa: E402
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -44,8 +44,8 @@ def drive(config, jobs: list[Job]) -> dict:
     """Replay ``jobs`` against one engine; requests finish (as STOP) at their drawn length."""
     import torch
 
-    from runtime.engine_core import EngineCore
-    from scheduler import FinishReason, Request, SamplingParams
+    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.scheduler import FinishReason, Request, SamplingParams
 
     core = EngineCore(config)
     # Warm up (graphs, allocator) outside the measurement; aborted, so beta learns nothing from them.
@@ -170,7 +170,7 @@ def main() -> None:
     ap.set_defaults(max_model_len=4096)
     args = ap.parse_args()
     base = engine_config(args)
-    from model import resolve_model
+    from conveyor.model import resolve_model
 
     vocab = resolve_model(base.model, base.load_format).config.vocab_size
     report = {}

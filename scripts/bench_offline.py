@@ -34,18 +34,18 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.cli import add_engine_args, engine_config  # noqa: E402
-from runtime.config import EngineConfig  # noqa: E402
-from runtime.loadgen.workloads import parse_range  # noqa: E402
-from runtime.step_stats import StepRecord  # noqa: E402
-from scheduler import SamplingParams  # noqa: E402
+from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.config import EngineConfig  # noqa: E402
+from conveyor.runtime.loadgen.workloads import parse_range  # noqa: E402
+from conveyor.runtime.step_stats import StepRecord  # noqa: E402
+from conveyor.scheduler import SamplingParams  # noqa: E402
 
 
 def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     import torch
 
-    from runtime import LLM, SamplingParams
-    from runtime.step_stats import OverlapSummary, write_chrome_trace
+    from conveyor.runtime import LLM, SamplingParams
+    from conveyor.runtime.step_stats import OverlapSummary, write_chrome_trace
 
     llm = LLM(**{k: getattr(config, k) for k in config.__struct_fields__})
     core = llm.core
@@ -210,7 +210,7 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], params: list[Sampling
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from model import resolve_model
+    from conveyor.model import resolve_model
 
     source = resolve_model(config.model, config.load_format)
     device = config.torch_device()
@@ -285,11 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.set_defaults(max_model_len=2048)
     args = ap.parse_args(argv)
 
-    from runtime import SamplingParams
+    from conveyor.runtime import SamplingParams
 
     base = engine_config(args)
     rng = random.Random(args.workload_seed)
-    from model import resolve_model
+    from conveyor.model import resolve_model
 
     vocab = resolve_model(base.model, base.load_format).config.vocab_size
     prompts, params = [], []

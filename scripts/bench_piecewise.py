@@ -24,10 +24,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.cli import add_engine_args, engine_config  # noqa: E402
-from runtime.compare import WorkItem, replay, warm_up  # noqa: E402
-from runtime.config import EngineConfig  # noqa: E402
-from runtime.loadgen.workloads import parse_range  # noqa: E402
+from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.compare import WorkItem, replay, warm_up  # noqa: E402
+from conveyor.runtime.config import EngineConfig  # noqa: E402
+from conveyor.runtime.loadgen.workloads import parse_range  # noqa: E402
 
 
 def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:
@@ -41,8 +41,8 @@ def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:
 
 
 def run(config: EngineConfig, args: argparse.Namespace) -> dict[str, float]:
-    from runtime.engine_core import EngineCore
-    from scheduler import SamplingParams
+    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.scheduler import SamplingParams
 
     core = EngineCore(config)
     try:

@@ -28,10 +28,10 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from model.attention import TorchPagedAttention
-    from model.kernels import FlashInferKernels, TorchKernels
-    from model.presets import preset
-    from runtime import LLM, SamplingParams
+    from conveyor.model.attention import TorchPagedAttention
+    from conveyor.model.kernels import FlashInferKernels, TorchKernels
+    from conveyor.model.presets import preset
+    from conveyor.runtime import LLM, SamplingParams
 
     cfg = AutoConfig.for_model(**preset(args.preset))
     torch.manual_seed(0)

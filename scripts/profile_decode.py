@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.cli import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
 
 
 def _self_us(event) -> float:
@@ -30,8 +30,8 @@ def profile(config, batch: int, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from runtime.engine_core import EngineCore
-    from scheduler import Request, SamplingParams
+    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.scheduler import Request, SamplingParams
 
     core = EngineCore(config)
     rng = random.Random(0)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory import kv_bytes_per_token
-from model import resolve_model
-from model.default_model import default_model_dir
-from model.presets import preset
+from conveyor.memory import kv_bytes_per_token
+from conveyor.model import resolve_model
+from conveyor.model.default_model import default_model_dir
+from conveyor.model.presets import preset
 
 
 def save_random_hf_model(name: str, out: Path, seed: int = 0, std: float = 0.1) -> Path:
@@ -70,6 +70,6 @@ def kv_bytes_for_pages(model: str, pages: int, block_size: int = 16) -> int:
 
 @pytest.fixture(scope="session")
 def default_llm():
-    from runtime import LLM
+    from conveyor.runtime import LLM
 
     return LLM("default")

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from model import ModelNotFoundError, WeightsError
-from runtime import AsyncEngine, EngineConfig, SamplingParams
-from scheduler import InvalidRequestError
+from conveyor.model import ModelNotFoundError, WeightsError
+from conveyor.runtime import AsyncEngine, EngineConfig, SamplingParams
+from conveyor.scheduler import InvalidRequestError
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_unknown_model_and_corrupt_weights_raise_typed_errors(tmp_path, tiny_lla
 
 
 async def test_engine_thread_death_fails_open_streams(tiny_chat_dir, monkeypatch):
-    from runtime.async_engine import EngineDeadError
+    from conveyor.runtime.async_engine import EngineDeadError
 
     eng = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=256))
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention.flashinfer_backend import INVARIANT_QUERY_TILE, pin_query_tile
-from model.ops import fixed_tile_linear
-from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore
-from scheduler import SamplingParams
+from conveyor.model.attention.flashinfer_backend import INVARIANT_QUERY_TILE, pin_query_tile
+from conveyor.model.ops import fixed_tile_linear
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine_core import EngineCore
+from conveyor.scheduler import SamplingParams
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import SamplingParams
+from conveyor.runtime import SamplingParams
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_converted_weights_match_transformers_gguf_loader(default_dir, tmp_path)
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from model.default_model import _fetch_gguf
+    from conveyor.model.default_model import _fetch_gguf
 
     gguf_path = Path(os.environ.get("CONVEYOR_SMOLLM2_GGUF") or _fetch_gguf(tmp_path))
     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(default_dir)))
@@ -39,7 +39,7 @@ def test_converted_weights_match_transformers_gguf_loader(default_dir, tmp_path)
 
 
 def test_second_start_reads_the_cache_not_the_network(default_dir, monkeypatch):
-    import model.default_model as dm
+    import conveyor.model.default_model as dm
 
     def no_download(tmp):
         raise AssertionError("the cached model must not be fetched again")

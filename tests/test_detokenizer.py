@@ -1,5 +1,5 @@
-from runtime.detokenizer import IncrementalDetokenizer
-from scheduler import SamplingParams
+from conveyor.runtime.detokenizer import IncrementalDetokenizer
+from conveyor.scheduler import SamplingParams
 
 
 def stream(tok, ids, **params):

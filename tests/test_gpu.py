@@ -12,10 +12,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # collected on CPU machines too, where every test here is deselected
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from memory import KVPool  # noqa: E402
-from model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
-from model.attention.flashinfer_backend import FlashInferAttention  # noqa: E402
-from runtime import LLM, SamplingParams  # noqa: E402
+from conveyor.memory import KVPool  # noqa: E402
+from conveyor.model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
+from conveyor.model.attention.flashinfer_backend import FlashInferAttention  # noqa: E402
+from conveyor.runtime import LLM, SamplingParams  # noqa: E402
 
 
 def random_metadata(seqs: list[tuple[int, int]], page_size: int, num_pages: int, device) -> AttentionMetadata:
@@ -117,7 +117,7 @@ def test_batch_invariant_attention_gives_a_token_the_same_bits_in_any_batch():
 
 
 def test_fixed_tile_linear_gives_a_row_the_same_bits_in_any_batch():
-    from model.ops import fixed_tile_linear
+    from conveyor.model.ops import fixed_tile_linear
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ class HFOracle:
     def __init__(self, preset_name: str, directory) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from model.presets import preset
+        from conveyor.model.presets import preset
 
         cfg = AutoConfig.for_model(**preset(preset_name))
         torch.manual_seed(0)

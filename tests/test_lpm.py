@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from memory import DynamicReservation, KVCacheManager
-from runtime import LLM, SamplingParams
-from scheduler import Request, SamplingParams as Params, Scheduler, SchedulerLimits
-from scheduler.policies import LPMPolicy
+from conveyor.memory import DynamicReservation, KVCacheManager
+from conveyor.runtime import LLM, SamplingParams
+from conveyor.scheduler import Request, SamplingParams as Params, Scheduler, SchedulerLimits
+from conveyor.scheduler.policies import LPMPolicy
 from tests.conftest import kv_bytes_for_pages
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from runtime import LLM, SamplingParams
+from conveyor.runtime import LLM, SamplingParams
 from tests.conftest import kv_bytes_for_pages
 
 
@@ -103,8 +103,8 @@ def test_same_prompt_admitted_together_is_prefilled_once(tiny_llama_dir):
 
 
 def test_aborting_a_swapped_out_request_frees_its_host_copy(tiny_llama_dir):
-    from runtime import EngineConfig
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime import EngineConfig
+    from conveyor.runtime.engine_core import EngineCore
 
     core = EngineCore(EngineConfig(model=str(tiny_llama_dir), max_model_len=128, max_num_batched_tokens=64,
                                    max_num_seqs=8, kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 16),

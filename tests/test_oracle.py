@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import LLM, SamplingParams
+from conveyor.runtime import LLM, SamplingParams
 from tests.conftest import kv_bytes_for_pages
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from model.sampling import Penalties, apply_penalties
-from runtime import LLM, SamplingParams
+from conveyor.model.sampling import Penalties, apply_penalties
+from conveyor.runtime import LLM, SamplingParams
 from tests.test_oracle import mixed_prompts
 
 

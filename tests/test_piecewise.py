@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from runtime.config import ConfigError, EngineConfig
-from runtime.engine_core import EngineCore
-from runtime.piecewise_graphs import PiecewiseGraphs, capture_token_sizes
-from scheduler import SamplingParams
+from conveyor.runtime.config import ConfigError, EngineConfig
+from conveyor.runtime.engine_core import EngineCore
+from conveyor.runtime.piecewise_graphs import PiecewiseGraphs, capture_token_sizes
+from conveyor.scheduler import SamplingParams
 
 
 def test_capture_token_sizes_cover_every_count_up_to_the_limit():

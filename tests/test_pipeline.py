@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import pytest
 
-from runtime import EngineConfig, SamplingParams
-from runtime.engine_core import EngineCore
-from runtime.outputs import RequestOutput
+from conveyor.runtime import EngineConfig, SamplingParams
+from conveyor.runtime.engine_core import EngineCore
+from conveyor.runtime.outputs import RequestOutput
 from tests.conftest import kv_bytes_for_pages
 
 

@@ -14,8 +14,8 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from memory import DynamicReservation, KVCacheManager
-from scheduler import (
+from conveyor.memory import DynamicReservation, KVCacheManager
+from conveyor.scheduler import (
     FinishReason,
     Request,
     SamplingParams,
@@ -23,8 +23,8 @@ from scheduler import (
     SchedulerLimits,
     make_policy,
 )
-from scheduler.length_predictor import LengthPredictor, kendall_tau
-from scheduler.policies import (
+from conveyor.scheduler.length_predictor import LengthPredictor, kendall_tau
+from conveyor.scheduler.policies import (
     POLICY_NAMES,
     AdaptivePolicy,
     FairSharePolicy,
@@ -33,8 +33,8 @@ from scheduler.policies import (
     SRTFPolicy,
     StaticBatchPolicy,
 )
-from scheduler.policy import SchedulerLoad
-from scheduler.request import RequestStatus
+from conveyor.scheduler.policy import SchedulerLoad
+from conveyor.scheduler.request import RequestStatus
 
 
 class Clock:
@@ -409,7 +409,7 @@ def test_predictor_ranks_better_after_learning_from_finished_requests():
 def test_predictor_state_round_trips_through_json():
     import msgspec
 
-    from scheduler.length_predictor import PredictorState
+    from conveyor.scheduler.length_predictor import PredictorState
 
     rng = random.Random(0)
     pred = LengthPredictor(window=50)
@@ -427,9 +427,9 @@ def test_predictor_state_round_trips_through_json():
 
 
 def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
-    from runtime import EngineConfig
-    from runtime.config import ConfigError
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime import EngineConfig
+    from conveyor.runtime.config import ConfigError
+    from conveyor.runtime.engine_core import EngineCore
 
     path = tmp_path / "predictor.json"
     config = EngineConfig(model=str(tiny_llama_dir), schedule_policy="srtf", max_model_len=64,
@@ -550,9 +550,9 @@ def test_fair_share_weights_give_proportional_service():
 def test_tenant_weights_flag_reaches_the_fair_policy(tiny_llama_dir):
     import argparse
 
-    from runtime.cli import add_engine_args, engine_config
-    from runtime.config import ConfigError, EngineConfig
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime.cli import add_engine_args, engine_config
+    from conveyor.runtime.config import ConfigError, EngineConfig
+    from conveyor.runtime.engine_core import EngineCore
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
@@ -738,8 +738,8 @@ def test_adaptive_under_a_burst_on_the_real_scheduler():
 
 # -- the engine: no policy changes a request's tokens -------------------------------------
 def test_engine_outputs_do_not_depend_on_policy(tiny_llama_dir, monkeypatch):
-    from runtime import EngineConfig
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime import EngineConfig
+    from conveyor.runtime.engine_core import EngineCore
     from tests.conftest import kv_bytes_for_pages
     from tests.test_pipeline import tokens
 

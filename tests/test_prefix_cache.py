@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memory import ConservativeReservation, DynamicReservation, KVCacheManager, RadixCache
+from conveyor.memory import ConservativeReservation, DynamicReservation, KVCacheManager, RadixCache
 
 PS = 2  # tokens per page: small, so random token strings share and diverge often
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from model.sampling import SamplingBatch, sample
-from runtime import LLM, SamplingParams
-from scheduler import InvalidRequestError
+from conveyor.model.sampling import SamplingBatch, sample
+from conveyor.runtime import LLM, SamplingParams
+from conveyor.scheduler import InvalidRequestError
 
 
 def batch(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, steps=None):

@@ -31,10 +31,10 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from runtime.async_engine import AsyncEngine
-from runtime.config import EngineConfig
-from runtime.server.app import STATE, ServerSettings, build_app
-from runtime.server.serve import make_runner
+from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.server.app import STATE, ServerSettings, build_app
+from conveyor.runtime.server.serve import make_runner
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -47,7 +47,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with SmolLM2's vocabulary, tokenizer and chat template."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model.default_model import default_model_dir
+    from conveyor.model.default_model import default_model_dir
 
     out = tmp_path_factory.mktemp("tiny-chat")
     cfg = LlamaConfig(
@@ -414,7 +414,7 @@ async def test_a_repeated_prompt_is_served_from_the_prefix_cache(tiny: Server, h
 
 async def test_metrics_show_the_sjf_predictors_kendall_tau(tiny_model_dir: Path,
                                                          http: aiohttp.ClientSession) -> None:
-    from scheduler.length_predictor import kendall_tau
+    from conveyor.scheduler.length_predictor import kendall_tau
 
     engine = await AsyncEngine.create(EngineConfig(model=str(tiny_model_dir), max_model_len=TINY_MAX_LEN,
                                                    kv_cache_memory=8 << 20, schedule_policy="sjf"))
@@ -800,7 +800,7 @@ async def test_sigterm_graceful_shutdown(tiny_model_dir: Path, http: aiohttp.Cli
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runtime", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        sys.executable, "-m", "conveyor", "serve", "--model", str(tiny_model_dir), "--port", str(port),
         "--max-model-len", "2048", "--kv-cache-memory", "8MiB", "--shutdown-timeout", "0.5",
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

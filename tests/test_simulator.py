@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.simulator import (
+from conveyor.runtime.simulator import (
     CostModel,
     ScenarioContext,
     SimConfig,
@@ -31,9 +31,9 @@ from runtime.simulator import (
     simulate,
     summarize,
 )
-from runtime.step_stats import StepRecord
-from scheduler import SamplingParams
-from scheduler.policies import POLICY_NAMES
+from conveyor.runtime.step_stats import StepRecord
+from conveyor.scheduler import SamplingParams
+from conveyor.scheduler.policies import POLICY_NAMES
 
 
 # -- workloads ------------------------------------------------------------------------------
@@ -147,8 +147,8 @@ def test_capacity_counts_only_while_the_queue_is_full():
 
 
 def test_simulated_and_real_step_counts_agree_on_the_cpu_engine(tiny_llama_dir):
-    from runtime import EngineConfig
-    from runtime.engine_core import EngineCore
+    from conveyor.runtime import EngineConfig
+    from conveyor.runtime.engine_core import EngineCore
     from tests.conftest import kv_bytes_for_pages
 
     rng = random.Random(5)
@@ -214,9 +214,9 @@ def test_cli_scenario_json(tmp_path: Path, capsys: pytest.CaptureFixture):
 
 def test_real_engine_mode_replays_a_scenario_through_the_cpu_engine(tiny_llama_dir):
     """--engine real: the sjf scenario's workload on EngineCore (wall clock), summarised and checked."""
-    from runtime import EngineConfig
-    from runtime.simulator.real import RealRunner
-    from runtime.simulator.scenarios import scenario_sjf
+    from conveyor.runtime import EngineConfig
+    from conveyor.runtime.simulator.real import RealRunner
+    from conveyor.runtime.simulator.scenarios import scenario_sjf
 
     runner = RealRunner(EngineConfig(model=str(tiny_llama_dir), device="cpu", pipeline_depth=2), output_scale=0.01)
     work = merge_streams([Stream(50.0, 12)], seed=3)

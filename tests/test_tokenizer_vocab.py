@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from runtime import LLM, SamplingParams
-from runtime.config import ConfigError
+from conveyor.runtime import LLM, SamplingParams
+from conveyor.runtime.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from model.attention.backend import AttentionMetadata
+from conveyor.model.attention.backend import AttentionMetadata
 
 WORKSPACE_BYTES = 256 << 20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.attention.backend import AttentionMetadata
+from conveyor.model.attention.backend import AttentionMetadata
 
 
 class TorchPagedAttention:

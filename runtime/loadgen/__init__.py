@@ -4,6 +4,6 @@
 ``report`` (summary, JSON, table), ``plots`` (PNGs), ``main`` (the command line).
 """
 
-from runtime.loadgen.main import amain, main
+from conveyor.runtime.loadgen.main import amain, main
 
 __all__ = ["amain", "main"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 
-from runtime.loadgen.workloads import WorkItem
+from conveyor.runtime.loadgen.workloads import WorkItem
 
 
 @dataclass

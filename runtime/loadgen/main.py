@@ -14,11 +14,11 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from runtime.loadgen import arrivals, workloads
-from runtime.loadgen.client import RequestOptions, RequestRecord, first_model, send_completion
-from runtime.loadgen.report import RunResult, format_table, parse_slo, summarize
-from runtime.loadgen.runner import run_load
-from runtime.loadgen.workloads import parse_range
+from conveyor.runtime.loadgen import arrivals, workloads
+from conveyor.runtime.loadgen.client import RequestOptions, RequestRecord, first_model, send_completion
+from conveyor.runtime.loadgen.report import RunResult, format_table, parse_slo, summarize
+from conveyor.runtime.loadgen.runner import run_load
+from conveyor.runtime.loadgen.workloads import parse_range
 
 WORKLOADS = ("random", "lengths", *workloads.PRESETS)
 
@@ -86,7 +86,7 @@ def build_items(args: argparse.Namespace, rng: random.Random) -> tuple[list[work
     """The work items, and the trace's offsets when one is replayed (else arrivals come from the rate)."""
     tokenizer = None
     if args.tokenizer is not None:
-        from model.tokenizer import load_tokenizer
+        from conveyor.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     builder = workloads.PromptBuilder(tokenizer, rng)
@@ -154,7 +154,7 @@ async def amain(argv: Sequence[str] | None = None) -> list[RunResult]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(msgspec.json.format(msgspec.json.encode(res), indent=2))
     if args.plots is not None:
-        from runtime.loadgen.plots import write_plots  # matplotlib loads only when plots are asked for
+        from conveyor.runtime.loadgen.plots import write_plots  # matplotlib loads only when plots are asked for
 
         write_plots(results, args.plots)
     return results

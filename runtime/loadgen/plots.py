@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.loadgen.report import RunResult  # noqa: E402
+from conveyor.runtime.loadgen.report import RunResult  # noqa: E402
 
 
 def _cdf(ax, values_s: list[float], title: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from runtime.loadgen.client import RequestRecord
+from conveyor.runtime.loadgen.client import RequestRecord
 
 PERCENTILES = (90, 95, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")

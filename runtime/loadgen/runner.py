@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 
 from tqdm import tqdm
 
-from runtime.loadgen.client import RequestRecord
-from runtime.loadgen.workloads import WorkItem
+from conveyor.runtime.loadgen.client import RequestRecord
+from conveyor.runtime.loadgen.workloads import WorkItem
 
 Send = Callable[[WorkItem, int, float], Awaitable[RequestRecord]]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.loadgen.arrivals import read_length_rows
+from conveyor.runtime.loadgen.arrivals import read_length_rows
 
 CORPUS = (Path(__file__).parent / "corpus.txt").read_text()
 

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP server: ``build_app(engine, settings)`` and ``serve(config, settings)``."""
 
-from runtime.server.app import ServerSettings, build_app
+from conveyor.runtime.server.app import ServerSettings, build_app
 
 __all__ = ["ServerSettings", "build_app"]

@@ -16,16 +16,16 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.outputs import RequestOutput
-from runtime.server.errors import ApiError, bad_request, from_validation_error
-from runtime.server.inputs import Plan, chat_plan, completion_plan
-from runtime.server.metrics import CONTENT_TYPE, ServerMetrics
-from runtime.server.protocol import (
+from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
+from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
+from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
+from conveyor.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from conveyor.runtime.server.protocol import (
     ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
 )
-from runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
-from runtime.server.streams import InFlight, run_choices, watch_engine
+from conveyor.runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
+from conveyor.runtime.server.streams import InFlight, run_choices, watch_engine
 
 log = structlog.get_logger("conveyor.server")
 

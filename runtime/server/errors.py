@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import msgspec
 from aiohttp import web
 
-from runtime.server.protocol import ErrorBody, ErrorResponse
-from scheduler import InvalidRequestError
+from conveyor.runtime.server.protocol import ErrorBody, ErrorResponse
+from conveyor.scheduler import InvalidRequestError
 
 _TYPES = {
     400: "invalid_request_error",

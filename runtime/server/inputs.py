@@ -12,11 +12,11 @@ from typing import Any
 
 import msgspec
 
-from runtime.async_engine import AsyncEngine
-from runtime.input_processor import Prompt
-from runtime.server.errors import ApiError, bad_request, from_invalid_request
-from runtime.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields
-from scheduler import InvalidRequestError, Request, SamplingParams
+from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.input_processor import Prompt
+from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request
+from conveyor.runtime.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields
+from conveyor.scheduler import InvalidRequestError, Request, SamplingParams
 
 MAX_CHOICES = 128  # prompts x n in one HTTP request; more is a batch job, not a request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default (chat: up to the context)

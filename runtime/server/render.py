@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
-from runtime.outputs import RequestOutput, SampleLogprobs
-from runtime.server.inputs import Plan
-from runtime.server.protocol import (
+from conveyor.runtime.outputs import RequestOutput, SampleLogprobs
+from conveyor.runtime.server.inputs import Plan
+from conveyor.runtime.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
     TokenLogprobEntry, TopLogprob, Usage,

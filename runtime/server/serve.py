@@ -15,9 +15,9 @@ import sys
 import structlog
 from aiohttp import web
 
-from runtime.async_engine import AsyncEngine
-from runtime.config import EngineConfig
-from runtime.server.app import STATE, ServerSettings, ServerState, build_app
+from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, build_app
 
 log = structlog.get_logger("conveyor.server")
 

@@ -15,9 +15,9 @@ from contextlib import aclosing
 
 import structlog
 
-from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.outputs import RequestOutput
-from scheduler import Request
+from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
+from conveyor.runtime.outputs import RequestOutput
+from conveyor.scheduler import Request
 
 log = structlog.get_logger("conveyor.server")
 

@@ -17,9 +17,9 @@ The names below are re-exported so ``from runtime.simulator import ...`` keeps w
 
 from __future__ import annotations
 
-from runtime.simulator.cli import build_parser, main
-from runtime.simulator.cost_model import CostModel, fit_cost_model, load_step_records
-from runtime.simulator.engine import (
+from conveyor.runtime.simulator.cli import build_parser, main
+from conveyor.runtime.simulator.cost_model import CostModel, fit_cost_model, load_step_records
+from conveyor.runtime.simulator.engine import (
     DEFAULT_CONFIG,
     RequestStat,
     SimClock,
@@ -28,8 +28,8 @@ from runtime.simulator.engine import (
     measure_capacity,
     simulate,
 )
-from runtime.simulator.report import format_table, pct, summarize, wait_share
-from runtime.simulator.scenarios import (
+from conveyor.runtime.simulator.report import format_table, pct, summarize, wait_share
+from conveyor.runtime.simulator.scenarios import (
     SCENARIOS,
     Check,
     ScenarioContext,
@@ -41,7 +41,7 @@ from runtime.simulator.scenarios import (
     scenario_sjf,
     scenario_static,
 )
-from runtime.simulator.workloads import (
+from conveyor.runtime.simulator.workloads import (
     HEAVY_MU,
     HEAVY_SIGMA,
     MAX_NEW_TOKENS,

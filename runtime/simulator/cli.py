@@ -25,16 +25,16 @@ from typing import Any
 
 import msgspec
 
-from runtime.simulator.cost_model import CostModel, fit_cost_model, load_step_records
-from runtime.simulator.engine import (
+from conveyor.runtime.simulator.cost_model import CostModel, fit_cost_model, load_step_records
+from conveyor.runtime.simulator.engine import (
     DEFAULT_CONFIG,
     SimConfig,
     measure_capacity,
     simulate,
 )
-from runtime.simulator.report import format_table, summarize
-from runtime.simulator.scenarios import SCENARIOS, ScenarioContext
-from runtime.simulator.workloads import (
+from conveyor.runtime.simulator.report import format_table, summarize
+from conveyor.runtime.simulator.scenarios import SCENARIOS, ScenarioContext
+from conveyor.runtime.simulator.workloads import (
     WORKLOADS,
     Stream,
     heavy_tail_request,
@@ -42,7 +42,7 @@ from runtime.simulator.workloads import (
     merge_streams,
     mixed_request,
 )
-from scheduler.policies import POLICY_NAMES
+from conveyor.scheduler.policies import POLICY_NAMES
 
 
 def _scenarios(text: str) -> list[str]:
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenario is not None:
         ctx = ScenarioContext(config, args.seed, args.scale, args.plot, tuple(args.queue_bound_seqs))
         if args.engine == "real":
-            from runtime.config import EngineConfig
-            from runtime.simulator.real import RealRunner
+            from conveyor.runtime.config import EngineConfig
+            from conveyor.runtime.simulator.real import RealRunner
 
             base = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
                                 kv_cache_memory=args.kv_cache_memory, pipeline_depth=args.pipeline_depth,

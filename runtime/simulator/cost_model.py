@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from runtime.step_stats import StepRecord
+from conveyor.runtime.step_stats import StepRecord
 
 
 class CostModel(msgspec.Struct, frozen=True):

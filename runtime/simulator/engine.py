@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import msgspec
 
-from memory import KVCacheManager, make_reservation
-from runtime.simulator.cost_model import CostModel
-from runtime.simulator.workloads import SimRequest
-from scheduler import (
+from conveyor.memory import KVCacheManager, make_reservation
+from conveyor.runtime.simulator.cost_model import CostModel
+from conveyor.runtime.simulator.workloads import SimRequest
+from conveyor.scheduler import (
     FinishReason,
     Request,
     SamplingParams,
@@ -21,7 +21,7 @@ from scheduler import (
     SchedulerLimits,
     make_policy,
 )
-from scheduler.length_predictor import LengthPredictor
+from conveyor.scheduler.length_predictor import LengthPredictor
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 
 import msgspec
 
-from runtime.config import EngineConfig
-from runtime.outputs import RequestOutput
-from runtime.simulator.engine import RequestStat, SimConfig, SimResult
-from runtime.simulator.workloads import SimRequest
-from scheduler import FinishReason, Request, SamplingParams
+from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.simulator.engine import RequestStat, SimConfig, SimResult
+from conveyor.runtime.simulator.workloads import SimRequest
+from conveyor.scheduler import FinishReason, Request, SamplingParams
 
 
 class RealRunner:
@@ -59,8 +59,8 @@ class RealRunner:
                  trace_every_s: float | None = None) -> SimResult:
         import torch
 
-        from runtime.compare import WorkItem, replay, warm_up
-        from runtime.engine_core import EngineCore
+        from conveyor.runtime.compare import WorkItem, replay, warm_up
+        from conveyor.runtime.engine_core import EngineCore
 
         core = EngineCore(self.engine_config(policy, sim))
         try:

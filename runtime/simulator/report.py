@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from runtime.simulator.engine import SimResult
+from conveyor.runtime.simulator.engine import SimResult
 
 
 def pct(xs: Sequence[float], q: float) -> float:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
-from runtime.simulator.engine import SimConfig, SimResult, measure_capacity, simulate
-from runtime.simulator.report import format_table, pct, summarize, wait_share
-from runtime.simulator.workloads import (
+from conveyor.runtime.simulator.engine import SimConfig, SimResult, measure_capacity, simulate
+from conveyor.runtime.simulator.report import format_table, pct, summarize, wait_share
+from conveyor.runtime.simulator.workloads import (
     MAX_NEW_TOKENS,
     SimRequest,
     Stream,
@@ -23,7 +23,7 @@ from runtime.simulator.workloads import (
 )
 
 if TYPE_CHECKING:
-    from runtime.simulator.real import RealRunner
+    from conveyor.runtime.simulator.real import RealRunner
 
 
 class Check(NamedTuple):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from scheduler.length_predictor import LengthPredictor
-from scheduler.policies.adaptive import AdaptivePolicy
-from scheduler.policies.fair import FairSharePolicy
-from scheduler.policies.fifo import FIFOPolicy
-from scheduler.policies.lpm import LPMPolicy
-from scheduler.policies.priority import PriorityPolicy
-from scheduler.policies.round_robin import RoundRobinPolicy
-from scheduler.policies.sjf import SJFPolicy, SRTFPolicy
-from scheduler.policies.static import StaticBatchPolicy
-from scheduler.policy import FCFSPolicy, SchedulingPolicy
+from conveyor.scheduler.length_predictor import LengthPredictor
+from conveyor.scheduler.policies.adaptive import AdaptivePolicy
+from conveyor.scheduler.policies.fair import FairSharePolicy
+from conveyor.scheduler.policies.fifo import FIFOPolicy
+from conveyor.scheduler.policies.lpm import LPMPolicy
+from conveyor.scheduler.policies.priority import PriorityPolicy
+from conveyor.scheduler.policies.round_robin import RoundRobinPolicy
+from conveyor.scheduler.policies.sjf import SJFPolicy, SRTFPolicy
+from conveyor.scheduler.policies.static import StaticBatchPolicy
+from conveyor.scheduler.policy import FCFSPolicy, SchedulingPolicy
 
 POLICY_NAMES = ("fcfs", "fifo", "static", "priority", "sjf", "srtf", "fair", "round-robin", "adaptive", "lpm")
 

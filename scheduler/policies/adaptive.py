@@ -33,11 +33,11 @@ from typing import NamedTuple
 
 import structlog
 
-from scheduler.length_predictor import LengthPredictor
-from scheduler.policies.priority import PriorityPolicy
-from scheduler.policies.sjf import SJFPolicy
-from scheduler.policy import FCFSPolicy, SchedulerLoad, SchedulingPolicy
-from scheduler.request import Request
+from conveyor.scheduler.length_predictor import LengthPredictor
+from conveyor.scheduler.policies.priority import PriorityPolicy
+from conveyor.scheduler.policies.sjf import SJFPolicy
+from conveyor.scheduler.policy import FCFSPolicy, SchedulerLoad, SchedulingPolicy
+from conveyor.scheduler.request import Request
 
 log = structlog.get_logger("conveyor.policy")
 Clock = Callable[[], float]

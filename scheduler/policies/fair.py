@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 
-from scheduler.policy import SchedulingPolicy
-from scheduler.request import Request
+from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.request import Request
 
 
 def tenant_of(r: Request) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from scheduler.policy import FCFSPolicy
-from scheduler.request import Request
+from conveyor.scheduler.policy import FCFSPolicy
+from conveyor.scheduler.request import Request
 
 
 class FIFOPolicy(FCFSPolicy):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from scheduler.policy import FCFSPolicy
-from scheduler.request import Request
+from conveyor.scheduler.policy import FCFSPolicy
+from conveyor.scheduler.request import Request
 
 
 class LPMPolicy(FCFSPolicy):

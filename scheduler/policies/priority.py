@@ -17,8 +17,8 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 
-from scheduler.policy import SchedulingPolicy
-from scheduler.request import Request, RequestStatus
+from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.request import Request, RequestStatus
 
 Clock = Callable[[], float]
 

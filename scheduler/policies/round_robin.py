@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from scheduler.policies.fair import tenant_of
-from scheduler.policy import SchedulingPolicy
-from scheduler.request import Request
+from conveyor.scheduler.policies.fair import tenant_of
+from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.request import Request
 
 
 class RoundRobinPolicy(SchedulingPolicy):

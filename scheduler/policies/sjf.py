@@ -39,9 +39,9 @@ import math
 from collections import deque
 from collections.abc import Iterator
 
-from scheduler.length_predictor import LengthPredictor
-from scheduler.policy import SchedulingPolicy
-from scheduler.request import FinishReason, Request
+from conveyor.scheduler.length_predictor import LengthPredictor
+from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.request import FinishReason, Request
 
 Key = tuple[int, float, float]
 

@@ -16,8 +16,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from scheduler.policy import SchedulingPolicy
-from scheduler.request import Request
+from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.request import Request
 
 Clock = Callable[[], float]
 
