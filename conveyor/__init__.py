@@ -18,19 +18,19 @@ if not (Path(__file__).parent / "runtime").is_dir() and (_root / "runtime" / "__
 
 if TYPE_CHECKING:
     from conveyor.runtime.async_engine import AsyncEngine
-    from conveyor.runtime.config import ConfigError, EngineConfig
+    from conveyor.runtime.engine.config import ConfigError, EngineConfig
     from conveyor.runtime.llm import LLM
-    from conveyor.runtime.outputs import RequestOutput
+    from conveyor.runtime.engine.outputs import RequestOutput
     from conveyor.scheduler import InvalidRequestError, SamplingParams
 
 __all__ = ["AsyncEngine", "ConfigError", "EngineConfig", "InvalidRequestError", "LLM", "RequestOutput", "SamplingParams"]
 
 _HOMES = {
     "AsyncEngine": "conveyor.runtime.async_engine",
-    "ConfigError": "conveyor.runtime.config",
-    "EngineConfig": "conveyor.runtime.config",
+    "ConfigError": "conveyor.runtime.engine.config",
+    "EngineConfig": "conveyor.runtime.engine.config",
     "LLM": "conveyor.runtime.llm",
-    "RequestOutput": "conveyor.runtime.outputs",
+    "RequestOutput": "conveyor.runtime.engine.outputs",
     "InvalidRequestError": "conveyor.scheduler",
     "SamplingParams": "conveyor.scheduler",
 }

@@ -1,13 +1,19 @@
-"""KV memory: the paged pool, its allocators, reservation policies and the token pool."""
+"""KV memory bookkeeping, pure Python: page and slot allocators, reservation, the prefix cache, swap space.
+
+The tensors these pages index (the KV pool, the token pool, pinned staging, the swapper) live in
+``conveyor.memory.device`` and belong to the worker; nothing here imports torch.
+
+Ownership: a page is free (allocator), private to one request, or owned by the prefix cache
+(locked by the requests reading it, else evictable). The engine thread alone moves a page between
+those states, and frees a request's pages only once no launched batch still reads them
+(``KVCacheManager`` decides; ``Scheduler.batch_done`` tells it when).
+"""
 
 from conveyor.memory.index_allocator import IndexAllocator, OutOfIndices
-from conveyor.memory.kv_cache_manager import KVCacheManager, IntegrityError
-from conveyor.memory.kv_pool import KVPool, kv_bytes_per_token
-from conveyor.memory.pinned_staging import PinnedStaging
+from conveyor.memory.kv_cache_manager import IntegrityError, KVCacheManager
 from conveyor.memory.radix_cache import PrefixMatch, RadixCache
-from conveyor.memory.swap_space import SwapKind, SwapOp, SwapSpace
 from conveyor.memory.reservation import ConservativeReservation, DynamicReservation, ReservationPolicy, make_reservation
-from conveyor.memory.token_pool import TokenPool
+from conveyor.memory.swap_space import SwapKind, SwapOp, SwapSpace
 
 __all__ = [
     "ConservativeReservation",
@@ -15,16 +21,12 @@ __all__ = [
     "IndexAllocator",
     "IntegrityError",
     "KVCacheManager",
-    "KVPool",
     "OutOfIndices",
-    "PinnedStaging",
     "PrefixMatch",
     "RadixCache",
+    "ReservationPolicy",
     "SwapKind",
     "SwapOp",
     "SwapSpace",
-    "ReservationPolicy",
-    "TokenPool",
-    "kv_bytes_per_token",
     "make_reservation",
 ]

@@ -1,7 +1,7 @@
 """The engine pipeline, the async API, the sync LLM facade, the server and the CLI."""
 
-from conveyor.runtime.config import ConfigError, EngineConfig
-from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.engine.config import ConfigError, EngineConfig
+from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import InvalidRequestError, SamplingParams
 
 __all__ = ["AsyncEngine", "ConfigError", "EngineConfig", "InvalidRequestError", "LLM", "RequestOutput", "SamplingParams"]

@@ -14,10 +14,13 @@ from typing import Any, AsyncIterator
 
 import structlog
 
-from conveyor.runtime.config import EngineConfig
-from conveyor.runtime.engine_core import STALL_POLL_S, EngineCore, EngineStats
-from conveyor.runtime.input_processor import Prompt
-from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.client import EngineDeadError
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.engine.core import STALL_POLL_S
+from conveyor.runtime.engine.step_stats import EngineStats
+from conveyor.runtime.engine.input_processor import Prompt
+from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
 
 log = structlog.get_logger("conveyor.engine")
@@ -25,15 +28,13 @@ log = structlog.get_logger("conveyor.engine")
 _STOP = object()
 
 
-class EngineDeadError(RuntimeError):
-    pass
-
-
 class AsyncEngine:
+    """The embedded engine; implements ``EngineClient``."""
+
     def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
         """Loads the model (blocking); inside a running loop prefer ``await AsyncEngine.create(...)``."""
         self.config = config or EngineConfig(**overrides)
-        self.core = EngineCore(self.config)
+        self.core = build_engine(self.config)
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,6 +67,10 @@ class AsyncEngine:
     @property
     def tokenizer(self) -> Any | None:
         return self.core.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
 
     def num_waiting(self) -> int:
         """Requests the scheduler has not admitted yet: the backpressure check, once per HTTP request."""

@@ -4,80 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-import msgspec
-
-from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine_args import add_engine_args, engine_config, parse_bytes
 from conveyor.runtime.logging import configure_logging
-
-_HELP = {
-    "model": "'default' (SmolLM2-135M-Instruct), a preset, an HF directory or a .gguf file",
-    "load_format": "auto, or dummy for random weights with the model's shapes",
-    "kv_cache_memory": "bytes for the KV pool on CPU, e.g. 2GiB (default 1GiB)",
-    "reservation": "KV reservation: conservative (prompt+max_tokens) or dynamic (grow on demand)",
-    "block_size": "tokens per KV page",
-    "reservation_beta": "dynamic: share of max_tokens promised at admission, to start with",
-    "reservation_adapt": "dynamic: beta follows observed output lengths and rises on retraction",
-    "enable_prefix_caching": "reuse KV pages of prompts seen before (radix tree, LRU eviction)",
-    "preemption_mode": "when the KV pool runs dry: recompute, or swap the KV to host memory and back",
-    "swap_space": "GiB of pinned host memory for swapped-out KV",
-    "max_piecewise_tokens": "CUDA: prefill/mixed steps up to this many tokens replay piecewise CUDA graphs; 0: eager",
-    "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
-    "length_predictor_path": "sjf/srtf/adaptive: keep what the length predictor learned in this file across restarts",
-    "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",
-    "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
-}
-_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``gold=3,free=0.5`` -> {"gold": 3.0, "free": 0.5}."""
-    bad = argparse.ArgumentTypeError(f"not a TENANT=WEIGHT list: {text!r} (try gold=3,free=0.5)")
-    out: dict[str, float] = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        name, _, value = (x.strip() for x in item.partition("="))
-        if not name:
-            raise bad
-        try:
-            out[name] = float(value)  # "gold" alone has an empty value: not a float either
-        except ValueError:
-            raise bad from None
-    return out
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    for field in msgspec.structs.fields(EngineConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        kwargs: dict[str, Any] = {"default": default, "help": _HELP.get(field.name, "") + f" (default: {default})"}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif field.name == "kv_cache_memory":
-            kwargs["type"] = parse_bytes
-        elif field.name == "tenant_weights":
-            kwargs.update(type=parse_weights, default={}, help=_HELP[field.name])
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            kwargs["type"] = type(default)
-        elif default is None:
-            kwargs["type"] = str if field.name in ("served_model_name", "tokenizer", "length_predictor_path") else int
-        group.add_argument(flag, **kwargs)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    names = [f.name for f in msgspec.structs.fields(EngineConfig)]
-    return EngineConfig(**{n: getattr(args, n) for n in names})
-
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
@@ -211,15 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
-        from conveyor.runtime.loadgen import main as loadgen_main
+        from conveyor.runtime.tools.loadgen import main as loadgen_main
 
         return loadgen_main(args.args)
     if args.command == "compare":
-        from conveyor.runtime.compare import main as compare_main
+        from conveyor.runtime.tools.compare import main as compare_main
 
         return compare_main(args.args)
     if args.command == "simulate":
-        from conveyor.runtime.simulator import main as simulate_main
+        from conveyor.runtime.tools.simulator import main as simulate_main
 
         return simulate_main(args.args)
     try:

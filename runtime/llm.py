@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 from tqdm import tqdm
 
-
-from conveyor.runtime.config import EngineConfig
-from conveyor.runtime.engine_core import STALL_POLL_S, EngineCore
-from conveyor.runtime.input_processor import Prompt
-from conveyor.runtime.outputs import Completion
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.engine.input_processor import Prompt
+from conveyor.runtime.engine.outputs import Completion, RequestOutput
+from conveyor.runtime.tools.driver import run_until_idle
 from conveyor.scheduler import SamplingParams
 
 
 class LLM:
     def __init__(self, model: str = "default", **overrides: Any) -> None:
-        self.core = EngineCore(EngineConfig(model=model, **overrides))
+        self.core = build_engine(EngineConfig(model=model, **overrides))
 
     def close(self) -> None:
         self.core.close()
@@ -55,15 +54,13 @@ class LLM:
         reqs = [self.core.inputs.make_request(ids, p, request_id=str(i)) for i, (ids, p) in
                 enumerate(zip(prompt_ids, params))]
         texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
-        for r in reqs:
-            self.core.add_request(r)
         with tqdm(total=len(reqs), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while self.core.has_work():
-                for out in self.core.step():
+            def collect(outputs: list[RequestOutput]) -> None:
+                for out in outputs:
                     texts[out.request_id].append(out.text)
                     bar.update(out.finished)
-                if self.core.stalled:  # the policy holds requests back (a static batch filling up)
-                    time.sleep(STALL_POLL_S)
+
+            run_until_idle(self.core, reqs, after_step=collect)
         return [
             Completion(
                 request_id=r.request_id,

@@ -3,7 +3,7 @@
 from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
 from conveyor.scheduler.errors import InvalidRequestError
 from conveyor.scheduler.params import SamplingParams
-from conveyor.scheduler.policy import FCFSPolicy, SchedulingPolicy, make_policy
+from conveyor.scheduler.policies import FCFSPolicy, SchedulingPolicy, make_policy
 from conveyor.scheduler.request import FinishReason, Request, RequestStatus
 from conveyor.scheduler.scheduler import Scheduler, SchedulerLimits
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from conveyor.memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace
 from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
-from conveyor.scheduler.policy import SchedulerLoad, SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulerLoad, SchedulingPolicy
 from conveyor.scheduler.request import FinishReason, Request, RequestStatus
 
 
@@ -49,7 +49,7 @@ class Scheduler:
         self.clock = clock
         self.policy = policy
         cache = kv.prefix_cache
-        if cache is not None and hasattr(policy, "prefix_len"):  # cache-aware policies (lpm) look up prefixes
+        if cache is not None and policy.uses_prefix_len:  # cache-aware policies (lpm) look up prefixes
             # As match_prefix: the last token is never served from the cache.
             policy.prefix_len = lambda r: cache.match_len(r.known_token_ids()[:-1])
         self.kv = kv
@@ -195,6 +195,7 @@ class Scheduler:
             self.num_prefix_hit_tokens += req.num_computed_tokens
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
+            req.admit_time = self.clock()
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 

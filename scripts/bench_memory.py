@@ -30,7 +30,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.cli import add_engine_args, engine_config, parse_bytes  # noqa: E402
+from conveyor.runtime.engine_args import add_engine_args, engine_config, parse_bytes  # noqa: E402
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -44,10 +44,10 @@ def drive(config, jobs: list[Job]) -> dict:
     """Replay ``jobs`` against one engine; requests finish (as STOP) at their drawn length."""
     import torch
 
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
     from conveyor.scheduler import FinishReason, Request, SamplingParams
 
-    core = EngineCore(config)
+    core = build_engine(config)
     # Warm up (graphs, allocator) outside the measurement; aborted, so beta learns nothing from them.
     for i in range(4):
         core.add_request(Request(f"warm{i}", jobs[i].prompt[:32], SamplingParams(max_tokens=8, ignore_eos=True), 8))
@@ -84,12 +84,12 @@ def drive(config, jobs: list[Job]) -> dict:
                 if end is not None:
                     n_out += end.num_output_tokens
     wall = time.perf_counter() - start
-    if core.device.type == "cuda":
+    if core.executor.worker.device.type == "cuda":
         torch.cuda.synchronize()
     stats = core.stats()
     core.check_integrity()
     result = {
-        "device": torch.cuda.get_device_name() if core.device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if core.executor.worker.device.type == "cuda" else "cpu",
         "wall_s": round(wall, 2), "requests": len(jobs), "output_tokens": n_out,
         "output_tok_s": round(n_out / wall, 1),
         "running_peak": max(running), "running_mean": round(statistics.fmean(running), 1),

@@ -34,10 +34,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
-from conveyor.runtime.config import EngineConfig  # noqa: E402
-from conveyor.runtime.loadgen.workloads import parse_range  # noqa: E402
-from conveyor.runtime.step_stats import StepRecord  # noqa: E402
+from conveyor.runtime.engine_args import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.engine.config import EngineConfig  # noqa: E402
+from conveyor.runtime.engine_args import parse_range  # noqa: E402
+from conveyor.runtime.engine.step_stats import StepRecord  # noqa: E402
 from conveyor.scheduler import SamplingParams  # noqa: E402
 
 
@@ -45,17 +45,17 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     import torch
 
     from conveyor.runtime import LLM, SamplingParams
-    from conveyor.runtime.step_stats import OverlapSummary, write_chrome_trace
+    from conveyor.runtime.engine.step_stats import OverlapSummary, write_chrome_trace
 
     llm = LLM(**{k: getattr(config, k) for k in config.__struct_fields__})
     core = llm.core
     if args.warmup:
         # Every id shifted by one, so the prefix cache has nothing from the warm-up to serve the run.
-        vocab = core.model_config.vocab_size
+        vocab = core.model_info.vocab_size
         llm.generate([[(t + 1) % vocab for t in p[:32]] for p in prompts[: args.warmup]],
                      SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     core.step_records = []
-    if core.device.type == "cuda":
+    if core.executor.worker.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
@@ -63,9 +63,9 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     records = core.step_records
     core.step_records = None
 
-    mcfg = core.model_config
-    elem = torch.empty((), dtype=core.dtype).element_size()
-    weight_bytes = sum(p.numel() for p in core.model.parameters()) * elem
+    mcfg = core.executor.worker.model_config
+    elem = torch.empty((), dtype=core.executor.worker.dtype).element_size()
+    weight_bytes = sum(p.numel() for p in core.executor.worker.model.parameters()) * elem
     kv_per_token = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * elem
     bw = args.bandwidth_tbs * 1e12
     roofline_s = sum((weight_bytes + r.kv_tokens_read * kv_per_token) / bw for r in records)
@@ -77,7 +77,7 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
         return [r for r in records if r.num_prefill_tokens == 0 and lo <= r.num_seqs <= hi]
 
     result = {
-        "model": core.model_name, "device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
+        "model": core.model_name, "device": str(core.executor.worker.device), "dtype": str(core.executor.worker.dtype).removeprefix("torch."),
         "pipeline_depth": config.pipeline_depth, "enforce_eager": config.enforce_eager,
         "num_prompts": len(prompts), "input_tokens": n_in, "output_tokens": n_out, "wall_s": round(wall, 3),
         "output_tok_s": round(n_out / wall, 1), "total_tok_s": round((n_in + n_out) / wall, 1),
@@ -100,7 +100,7 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
         mid = len(steady) // 2
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         write_chrome_trace(steady[mid : mid + args.trace_steps],
-                           args.trace_dir / f"trace-depth{config.pipeline_depth}.json", str(core.device))
+                           args.trace_dir / f"trace-depth{config.pipeline_depth}.json", str(core.executor.worker.device))
     core.check_integrity()
     llm.close()
     del llm, core
@@ -211,10 +211,11 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], params: list[Sampling
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from conveyor.model import resolve_model
+    from conveyor.runtime.worker.worker import resolve_device, resolve_dtype
 
     source = resolve_model(config.model, config.load_format)
-    device = config.torch_device()
-    dtype = config.torch_dtype(device)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
     attn = {"attn_implementation": args.hf_attn_implementation} if args.hf_attn_implementation else {}
     if source.weights_dir is None:
         # Random weights: only the shapes matter, as EOS is ignored and lengths are fixed.

@@ -24,10 +24,11 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
-from conveyor.runtime.compare import WorkItem, replay, warm_up  # noqa: E402
-from conveyor.runtime.config import EngineConfig  # noqa: E402
-from conveyor.runtime.loadgen.workloads import parse_range  # noqa: E402
+from conveyor.runtime.engine_args import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.tools.compare import WorkItem, warm_up  # noqa: E402
+from conveyor.runtime.tools.driver import replay  # noqa: E402
+from conveyor.runtime.engine.config import EngineConfig  # noqa: E402
+from conveyor.runtime.engine_args import parse_range  # noqa: E402
 
 
 def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:
@@ -41,12 +42,12 @@ def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:
 
 
 def run(config: EngineConfig, args: argparse.Namespace) -> dict[str, float]:
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
     from conveyor.scheduler import SamplingParams
 
-    core = EngineCore(config)
+    core = build_engine(config)
     try:
-        items = workload(args, core.model_config.vocab_size)
+        items = workload(args, core.model_info.vocab_size)
         warm_up(core, items, 4, 0.0)
         core.step_records = []
 

@@ -54,15 +54,15 @@ def main() -> None:
     llm = LLM(tmp, max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3)
     core = llm.core
     captured: list[torch.Tensor] = []
-    original = core.model.compute_logits
-    core.model.compute_logits = lambda h: captured.append(original(h)) or captured[-1]
-    m = core.model.config
-    fi_attn = core.runner.backend
+    original = core.executor.worker.model.compute_logits
+    core.executor.worker.model.compute_logits = lambda h: captured.append(original(h)) or captured[-1]
+    m = core.executor.worker.model.config
+    fi_attn = core.executor.worker.runner.backend
     for kernels_name in ("flashinfer", "torch"):
         for attn_name in ("flashinfer", "torch"):
             kernels_cls = FlashInferKernels if kernels_name == "flashinfer" else TorchKernels
-            core.model.kernels = kernels_cls(m.rope, m.head_dim, 1025, core.device)
-            core.runner.backend = fi_attn if attn_name == "flashinfer" else TorchPagedAttention(
+            core.executor.worker.model.kernels = kernels_cls(m.rope, m.head_dim, 1025, core.executor.worker.device)
+            core.executor.worker.runner.backend = fi_attn if attn_name == "flashinfer" else TorchPagedAttention(
                 m.num_heads, m.num_kv_heads, m.head_dim)
             captured.clear()
             llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)

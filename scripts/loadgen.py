@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.loadgen import main  # noqa: E402
+from conveyor.runtime.tools.loadgen import main  # noqa: E402
 
 sys.exit(main())

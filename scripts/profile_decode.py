@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.cli import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.engine_args import add_engine_args, engine_config  # noqa: E402
 
 
 def _self_us(event) -> float:
@@ -30,12 +30,12 @@ def profile(config, batch: int, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
     from conveyor.scheduler import Request, SamplingParams
 
-    core = EngineCore(config)
+    core = build_engine(config)
     rng = random.Random(0)
-    vocab = core.model_config.vocab_size
+    vocab = core.model_info.vocab_size
     for i in range(batch):
         prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
         params = SamplingParams(max_tokens=10**6, ignore_eos=True)
@@ -54,9 +54,9 @@ def profile(config, batch: int, args: argparse.Namespace) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profile_steps):
             core.step()
-        if core.device.type == "cuda":
+        if core.executor.worker.device.type == "cuda":
             torch.cuda.synchronize()
-    lane = "CUDA" if core.device.type == "cuda" else "CPU"
+    lane = "CUDA" if core.executor.worker.device.type == "cuda" else "CPU"
     events = [e for e in prof.key_averages() if e.device_type.name == lane]
     total_us = sum(_self_us(e) for e in events)
     n_kernels = sum(e.count for e in events)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conveyor.memory import kv_bytes_per_token
+from conveyor.memory.device import kv_bytes_per_token
 from conveyor.model import resolve_model
 from conveyor.model.default_model import default_model_dir
 from conveyor.model.presets import preset

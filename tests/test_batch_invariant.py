@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 from conveyor.model.attention.flashinfer_backend import INVARIANT_QUERY_TILE, pin_query_tile
 from conveyor.model.ops import fixed_tile_linear
-from conveyor.runtime.config import EngineConfig
-from conveyor.runtime.engine_core import EngineCore
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.core import EngineCore
+from conveyor.runtime.tools.driver import run_until_idle
 from conveyor.scheduler import SamplingParams
 
 
@@ -64,13 +66,13 @@ def test_pin_query_tile_pads_to_the_small_tile_with_empty_requests(seed):
 
 
 def test_batch_invariant_flag_reaches_the_kernels(tiny_llama_dir):
-    core = EngineCore(EngineConfig(model=str(tiny_llama_dir), max_model_len=128, batch_invariant=True,
+    core = build_engine(EngineConfig(model=str(tiny_llama_dir), max_model_len=128, batch_invariant=True,
                                    kv_cache_memory=1 << 22))
     try:
-        assert core.model.kernels.linear_tile is not None
+        assert core.executor.worker.model.kernels.linear_tile is not None
         greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         rng = random.Random(1)
-        vocab = core.model_config.vocab_size
+        vocab = core.model_info.vocab_size
         prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 60))] for _ in range(9)]
         alone = _generate(core, prompts[:1], greedy)
         together = _generate(core, prompts, greedy)
@@ -81,13 +83,6 @@ def test_batch_invariant_flag_reaches_the_kernels(tiny_llama_dir):
 
 
 def _generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    ids = []
-    for p in prompts:
-        req = core.inputs.make_request(p, params)
-        core.add_request(req)
-        ids.append(req.request_id)
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while core.has_work():
-        for o in core.step():
-            out[o.request_id] += o.token_ids
-    return [out[i] for i in ids]
+    reqs = [core.inputs.make_request(p, params) for p in prompts]
+    run_until_idle(core, reqs)
+    return [list(r.output_token_ids) for r in reqs]

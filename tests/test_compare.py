@@ -18,8 +18,8 @@ import matplotlib.image
 import msgspec
 import pytest
 
-from conveyor.runtime.compare import CompareResult, StrategyResult, build_workload, run_compare
-from conveyor.runtime.step_stats import StepRecord
+from conveyor.runtime.tools.compare import CompareResult, StrategyResult, build_workload, run_compare
+from conveyor.runtime.engine.step_stats import StepRecord
 from tests.conftest import kv_bytes_for_pages
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -134,7 +134,7 @@ def test_json_and_png_are_written(compared):
 
 
 def test_table_shows_every_metric_side_by_side(compared, capsys):
-    from conveyor.runtime.compare import format_table
+    from conveyor.runtime.tools.compare import format_table
 
     res, _ = compared
     table = format_table(res)
@@ -145,7 +145,7 @@ def test_table_shows_every_metric_side_by_side(compared, capsys):
 
 
 def test_poisson_arrivals_count_latency_from_arrival():
-    from conveyor.runtime.loadgen.arrivals import arrival_offsets
+    from conveyor.runtime.tools.loadgen.arrivals import arrival_offsets
 
     res = run_compare(ENGINE + ["--strategies", "cb", "--num-prompts", "6", "--request-rate", "200",
                                 "--input-len", "4:16", "--output-len", "2:6", "--warmup", "0"])
@@ -161,7 +161,7 @@ def test_poisson_arrivals_count_latency_from_arrival():
 
 
 def test_w1_workload_matches_bench_offline():
-    from conveyor.runtime.compare import WORKLOADS
+    from conveyor.runtime.tools.compare import WORKLOADS
 
     w1 = WORKLOADS["w1"]
     assert (w1.num_prompts, w1.input_len, w1.output_len, w1.seed, w1.request_rate) == (256, (100, 1024), (100, 1024),
@@ -179,7 +179,7 @@ def test_w1_workload_matches_bench_offline():
 
 def test_cli_forwards_and_rejects_unknown_strategies(capsys):
     from conveyor.runtime.cli import build_parser
-    from conveyor.runtime.compare import main
+    from conveyor.runtime.tools.compare import main
 
     args = build_parser().parse_args(["compare", "--strategies", "cb", "--help"])
     assert (args.command, args.args) == ("compare", ["--strategies", "cb", "--help"])

@@ -1,4 +1,4 @@
-from conveyor.runtime.detokenizer import IncrementalDetokenizer
+from conveyor.runtime.engine.detokenizer import IncrementalDetokenizer
 from conveyor.scheduler import SamplingParams
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # collected on CPU machines too, where every test here is deselected
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from conveyor.memory import KVPool  # noqa: E402
+from conveyor.memory.device import KVPool  # noqa: E402
 from conveyor.model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
 from conveyor.model.attention.flashinfer_backend import FlashInferAttention  # noqa: E402
 from conveyor.runtime import LLM, SamplingParams  # noqa: E402
@@ -215,8 +215,8 @@ def test_prefill_logits_are_as_accurate_as_transformers_bf16(preset_name, tmp_pa
         del fp32
     llm = LLM(oracle.dir, max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3)
     captured: list[torch.Tensor] = []
-    compute = llm.core.model.compute_logits
-    llm.core.model.compute_logits = lambda h: captured.append(compute(h)) or captured[-1]
+    compute = llm.core.executor.worker.model.compute_logits
+    llm.core.executor.worker.model.compute_logits = lambda h: captured.append(compute(h)) or captured[-1]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     ours = captured[0][-1].float()
     err_ours, err_hf = (ours - truth).abs().max().item(), (hf_bf16 - truth).abs().max().item()
@@ -239,7 +239,7 @@ def test_greedy_tokens_follow_hf_in_bf16_with_and_without_graphs(tmp_path, batch
     for eager in (False, True):
         llm = LLM(oracle.dir, max_model_len=1024, enforce_eager=eager, gpu_memory_utilization=0.5,
                   max_num_batched_tokens=512, batch_invariant=batch_invariant)
-        assert (llm.core.runner.pieces is None) == eager
+        assert (llm.core.executor.worker.runner.pieces is None) == eager
         results[eager] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.core.check_integrity()
         llm.close()

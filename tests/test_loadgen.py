@@ -19,10 +19,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from conveyor.runtime.loadgen import amain
-from conveyor.runtime.loadgen.arrivals import arrival_offsets, read_length_rows, trace_offsets
-from conveyor.runtime.loadgen.client import RequestRecord
-from conveyor.runtime.loadgen.report import RunResult, meets_slo, parse_slo, summarize
+from conveyor.runtime.tools.loadgen import amain
+from conveyor.runtime.tools.loadgen.arrivals import arrival_offsets, read_length_rows, trace_offsets
+from conveyor.runtime.tools.loadgen.client import RequestRecord
+from conveyor.runtime.tools.loadgen.report import RunResult, meets_slo, parse_slo, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = {"date": "", "base_url": "", "endpoint": "", "model": "m", "workload": "random", "request_rate": "inf",
@@ -111,8 +111,8 @@ def test_metrics_match_hand_computation():
 
 
 def test_all_failed_run_reports_no_data_not_zero(tmp_path: Path):
-    from conveyor.runtime.loadgen.plots import write_plots
-    from conveyor.runtime.loadgen.report import format_table
+    from conveyor.runtime.tools.loadgen.plots import write_plots
+    from conveyor.runtime.tools.loadgen.report import format_table
 
     res = summarize(hand_records()[3:], 1.0, {}, **CONFIG)
     assert (res.completed, res.failed, res.mean_ttft_ms, res.request_goodput) == (0, 1, None, None)
@@ -300,7 +300,7 @@ async def test_rate_sweep_writes_json_per_rate_and_latency_vs_rate_plot(serve_ap
 # -- the real server ------------------------------------------------------------------------
 async def test_real_server_end_to_end(tiny_chat_dir: Path, tmp_path: Path):
     from conveyor.runtime.async_engine import AsyncEngine
-    from conveyor.runtime.config import EngineConfig
+    from conveyor.runtime.engine.config import EngineConfig
     from conveyor.runtime.server.app import ServerSettings, build_app
 
     engine = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=1024,
@@ -336,7 +336,7 @@ async def test_real_server_end_to_end(tiny_chat_dir: Path, tmp_path: Path):
 
 async def test_real_server_chat_endpoint(tiny_chat_dir: Path):
     from conveyor.runtime.async_engine import AsyncEngine
-    from conveyor.runtime.config import EngineConfig
+    from conveyor.runtime.engine.config import EngineConfig
     from conveyor.runtime.server.app import ServerSettings, build_app
 
     engine = await AsyncEngine.create(EngineConfig(model=str(tiny_chat_dir), max_model_len=512,
@@ -363,7 +363,7 @@ def test_cli_forwards_to_loadgen(capsys):
     # Through the parser, not runtime.cli.main: main configures process-wide logging, which the
     # server tests that capture log lines must not inherit.
     from conveyor.runtime.cli import build_parser
-    from conveyor.runtime.loadgen import main
+    from conveyor.runtime.tools.loadgen import main
 
     args = build_parser().parse_args(["loadgen", "--request-rate", "2,4", "--help"])
     assert (args.command, args.args) == ("loadgen", ["--request-rate", "2,4", "--help"])

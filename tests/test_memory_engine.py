@@ -104,9 +104,9 @@ def test_same_prompt_admitted_together_is_prefilled_once(tiny_llama_dir):
 
 def test_aborting_a_swapped_out_request_frees_its_host_copy(tiny_llama_dir):
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
 
-    core = EngineCore(EngineConfig(model=str(tiny_llama_dir), max_model_len=128, max_num_batched_tokens=64,
+    core = build_engine(EngineConfig(model=str(tiny_llama_dir), max_model_len=128, max_num_batched_tokens=64,
                                    max_num_seqs=8, kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 16),
                                    reservation_beta=0.05, reservation_adapt=False, enable_prefix_caching=False,
                                    preemption_mode="swap"))
@@ -128,5 +128,5 @@ def test_aborting_a_swapped_out_request_frees_its_host_copy(tiny_llama_dir):
         core.step()
     core.step()  # idle: pending host-buffer drops run now, not at the next batch
     core.check_integrity()
-    assert core.scheduler.swap.num_used_pages == 0 and core.runner.swapper.host == {}
+    assert core.scheduler.swap.num_used_pages == 0 and core.executor.worker.runner.swapper.host == {}
     core.close()

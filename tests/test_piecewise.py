@@ -8,9 +8,11 @@ import random
 import pytest
 import torch
 
-from conveyor.runtime.config import ConfigError, EngineConfig
-from conveyor.runtime.engine_core import EngineCore
-from conveyor.runtime.piecewise_graphs import PiecewiseGraphs, capture_token_sizes
+from conveyor.runtime.engine.config import ConfigError, EngineConfig
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.core import EngineCore
+from conveyor.runtime.tools.driver import run_until_idle
+from conveyor.runtime.worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes
 from conveyor.scheduler import SamplingParams
 
 
@@ -33,23 +35,20 @@ class CountingPieces(PiecewiseGraphs):
 
 
 def _engine(model_dir, batch_invariant: bool, pieces: int, depth: int = 2) -> tuple[EngineCore, CountingPieces | None]:
-    core = EngineCore(EngineConfig(model=str(model_dir), max_model_len=256, max_num_batched_tokens=96,
+    core = build_engine(EngineConfig(model=str(model_dir), max_model_len=256, max_num_batched_tokens=96,
                                    kv_cache_memory=1 << 22, batch_invariant=batch_invariant, pipeline_depth=depth))
     counting = None
     if pieces:
-        counting = CountingPieces(core.model, core.kv_pool, core.token_pool, core.runner.staging, pieces,
+        counting = CountingPieces(core.executor.worker.model, core.executor.worker.kv_pool, core.executor.worker.token_pool, core.executor.worker.runner.staging, pieces,
                                   capture=False)
-        core.runner.pieces = counting
+        core.executor.worker.runner.pieces = counting
     return core, counting
 
 
 def _generate(core: EngineCore, prompts: list[list[int]]) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     reqs = [core.inputs.make_request(p, params) for p in prompts]
-    for r in reqs:
-        core.add_request(r)
-    while core.has_work():
-        core.step()
+    run_until_idle(core, reqs)
     core.check_integrity()
     return [list(r.output_token_ids) for r in reqs]
 
@@ -92,18 +91,18 @@ def test_padded_rows_leave_real_rows_alone(tiny_qwen3_dir):
         core.add_request(core.inputs.make_request(list(range(40, 57)), params))
         batch = core.scheduler.schedule()
         assert batch is not None and 0 < batch.num_decodes < len(batch.seqs)
-        runner = core.runner
+        runner = core.executor.worker.runner
         prepared = runner.prepare(batch)
         assert prepared.piece_size == 32 and prepared.token_slots.shape[0] == 32
         t = batch.num_tokens
-        kv_before = core.kv_pool.data.clone()
+        kv_before = core.executor.worker.kv_pool.data.clone()
         runner.backend.plan(prepared.meta)
         pieces = runner.pieces.run(32, t, runner.backend, prepared.meta, prepared.token_slots, prepared.positions)
-        kv_pieces = core.kv_pool.data.clone()
-        core.kv_pool.data.copy_(kv_before)
-        ids = core.token_pool.gather(prepared.token_slots[:t], prepared.positions[:t])
-        plain = core.model(ids, prepared.positions[:t], core.kv_pool.data, runner.backend, prepared.meta)
+        kv_pieces = core.executor.worker.kv_pool.data.clone()
+        core.executor.worker.kv_pool.data.copy_(kv_before)
+        ids = core.executor.worker.token_pool.gather(prepared.token_slots[:t], prepared.positions[:t])
+        plain = core.executor.worker.model(ids, prepared.positions[:t], core.executor.worker.kv_pool.data, runner.backend, prepared.meta)
         torch.testing.assert_close(pieces[:t], plain, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(kv_pieces, core.kv_pool.data, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kv_pieces, core.executor.worker.kv_pool.data, rtol=1e-5, atol=1e-5)
     finally:
         core.close()

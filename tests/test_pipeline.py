@@ -12,8 +12,9 @@ from collections import defaultdict
 import pytest
 
 from conveyor.runtime import EngineConfig, SamplingParams
-from conveyor.runtime.engine_core import EngineCore
-from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.core import EngineCore
+from conveyor.runtime.engine.outputs import RequestOutput
 from tests.conftest import kv_bytes_for_pages
 
 
@@ -23,7 +24,7 @@ def poison(monkeypatch):
 
 
 def make_core(model_dir, depth: int, pages: int = 14, **kw) -> EngineCore:
-    return EngineCore(EngineConfig(model=str(model_dir), pipeline_depth=depth, max_model_len=128,
+    return build_engine(EngineConfig(model=str(model_dir), pipeline_depth=depth, max_model_len=128,
                                    max_num_batched_tokens=48, max_num_seqs=16,
                                    kv_cache_memory=kv_bytes_for_pages(str(model_dir), pages), **kw))
 
@@ -122,7 +123,7 @@ def test_stop_found_late_drops_the_zombie_token(tiny_chat_dir):
 
 def test_stress_2000_requests_at_depth_3(tiny_llama_dir):
     rng = random.Random(0)
-    core = EngineCore(EngineConfig(model=str(tiny_llama_dir), pipeline_depth=3, max_model_len=96,
+    core = build_engine(EngineConfig(model=str(tiny_llama_dir), pipeline_depth=3, max_model_len=96,
                                    max_num_batched_tokens=256, max_num_seqs=64,
                                    kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 120)))
     reqs, aborts = [], defaultdict(list)

@@ -33,7 +33,7 @@ from conveyor.scheduler.policies import (
     SRTFPolicy,
     StaticBatchPolicy,
 )
-from conveyor.scheduler.policy import SchedulerLoad
+from conveyor.scheduler.policies.base import SchedulerLoad
 from conveyor.scheduler.request import RequestStatus
 
 
@@ -428,13 +428,13 @@ def test_predictor_state_round_trips_through_json():
 
 def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.config import ConfigError
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.engine.config import ConfigError
+    from conveyor.runtime.build import build_engine
 
     path = tmp_path / "predictor.json"
     config = EngineConfig(model=str(tiny_llama_dir), schedule_policy="srtf", max_model_len=64,
                           length_predictor_path=str(path))
-    core = EngineCore(config)
+    core = build_engine(config)
     for i, n in enumerate((3, 9, 3, 9, 5)):
         core.add_request(core.inputs.make_request([5, 6, i], SamplingParams(max_tokens=n, ignore_eos=True)))
     while core.has_work():
@@ -444,7 +444,7 @@ def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
     expected = learned.predict(probe)
     core.close()
     assert path.exists()
-    again = EngineCore(msgspec.structs.replace(config, schedule_policy="adaptive"))  # adaptive predicts too
+    again = build_engine(msgspec.structs.replace(config, schedule_policy="adaptive"))  # adaptive predicts too
     try:
         assert again.scheduler.policy.predictor.num_observed == 5
         assert again.scheduler.policy.predictor.predict(probe) == expected != LengthPredictor().predict(probe)
@@ -452,9 +452,9 @@ def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
         again.close()
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="predictor.json"):
-        EngineCore(config)
+        build_engine(config)
     with pytest.raises(ConfigError, match="predicts lengths"):
-        EngineCore(msgspec.structs.replace(config, schedule_policy="fcfs"))
+        build_engine(msgspec.structs.replace(config, schedule_policy="fcfs"))
 
 
 def test_sjf_metrics_report_kendall_tau_of_predictions_at_arrival_and_actual_lengths():
@@ -550,9 +550,9 @@ def test_fair_share_weights_give_proportional_service():
 def test_tenant_weights_flag_reaches_the_fair_policy(tiny_llama_dir):
     import argparse
 
-    from conveyor.runtime.cli import add_engine_args, engine_config
-    from conveyor.runtime.config import ConfigError, EngineConfig
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.engine_args import add_engine_args, engine_config
+    from conveyor.runtime.engine.config import ConfigError, EngineConfig
+    from conveyor.runtime.build import build_engine
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
@@ -560,7 +560,7 @@ def test_tenant_weights_flag_reaches_the_fair_policy(tiny_llama_dir):
                               "--tenant-weights", "gold=3, free=0.5", "--max-model-len", "64"])
     config = engine_config(args)
     assert config.tenant_weights == {"gold": 3.0, "free": 0.5}
-    core = EngineCore(config)
+    core = build_engine(config)
     try:
         assert core.scheduler.policy.tenant_weights == {"gold": 3.0, "free": 0.5}
     finally:
@@ -739,7 +739,7 @@ def test_adaptive_under_a_burst_on_the_real_scheduler():
 # -- the engine: no policy changes a request's tokens -------------------------------------
 def test_engine_outputs_do_not_depend_on_policy(tiny_llama_dir, monkeypatch):
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
     from tests.conftest import kv_bytes_for_pages
     from tests.test_pipeline import tokens
 
@@ -750,7 +750,7 @@ def test_engine_outputs_do_not_depend_on_policy(tiny_llama_dir, monkeypatch):
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
     def run(policy: str) -> dict[str, list[int]]:
-        core = EngineCore(EngineConfig(
+        core = build_engine(EngineConfig(
             model=str(tiny_llama_dir), schedule_policy=policy, max_model_len=128, max_num_batched_tokens=32,
             max_num_seqs=4, static_batch_size=3, static_batch_timeout=0.0,
             kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 8),  # small: preemption happens

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from conveyor.runtime.async_engine import AsyncEngine
-from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, build_app
 from conveyor.runtime.server.serve import make_runner
 

@@ -1,4 +1,4 @@
-"""The policy simulator (runtime/simulator.py, ``conveyor simulate``): workloads, the fitted step-time
+"""The policy simulator (runtime/tools/simulator, ``conveyor simulate``): workloads, the fitted step-time
 model, agreement with the real CPU engine, and the scenarios' plumbing (run small)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.runtime.simulator import (
+from conveyor.runtime.tools.simulator import (
     CostModel,
     ScenarioContext,
     SimConfig,
@@ -31,7 +31,7 @@ from conveyor.runtime.simulator import (
     simulate,
     summarize,
 )
-from conveyor.runtime.step_stats import StepRecord
+from conveyor.runtime.engine.step_stats import StepRecord
 from conveyor.scheduler import SamplingParams
 from conveyor.scheduler.policies import POLICY_NAMES
 
@@ -148,7 +148,8 @@ def test_capacity_counts_only_while_the_queue_is_full():
 
 def test_simulated_and_real_step_counts_agree_on_the_cpu_engine(tiny_llama_dir):
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.engine_core import EngineCore
+    from conveyor.runtime.build import build_engine
+    from conveyor.runtime.tools.driver import run_until_idle
     from tests.conftest import kv_bytes_for_pages
 
     rng = random.Random(5)
@@ -156,13 +157,10 @@ def test_simulated_and_real_step_counts_agree_on_the_cpu_engine(tiny_llama_dir):
             for i, n in enumerate(rng.choice([20, 40, 50]) for _ in range(8))]
     config = EngineConfig(model=str(tiny_llama_dir), pipeline_depth=1, max_model_len=128, max_num_batched_tokens=32,
                           max_num_seqs=4, kv_cache_memory=kv_bytes_for_pages(str(tiny_llama_dir), 8))  # tight: preempts
-    core = EngineCore(config)
+    core = build_engine(config)
     core.step_records = []
-    for w in work:
-        params = SamplingParams(temperature=0, max_tokens=w.max_new_tokens, ignore_eos=True)
-        core.add_request(core.inputs.make_request(list(w.prompt), params, request_id=w.request_id))
-    while core.has_work():
-        core.step()
+    run_until_idle(core, [core.inputs.make_request(list(w.prompt), SamplingParams(
+        temperature=0, max_tokens=w.max_new_tokens, ignore_eos=True), request_id=w.request_id) for w in work])
     core.close()
     sim = SimConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                     max_model_len=128, num_pages=8, block_size=config.block_size, reservation=config.reservation,
@@ -215,8 +213,8 @@ def test_cli_scenario_json(tmp_path: Path, capsys: pytest.CaptureFixture):
 def test_real_engine_mode_replays_a_scenario_through_the_cpu_engine(tiny_llama_dir):
     """--engine real: the sjf scenario's workload on EngineCore (wall clock), summarised and checked."""
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.simulator.real import RealRunner
-    from conveyor.runtime.simulator.scenarios import scenario_sjf
+    from conveyor.runtime.tools.simulator.real import RealRunner
+    from conveyor.runtime.tools.simulator.scenarios import scenario_sjf
 
     runner = RealRunner(EngineConfig(model=str(tiny_llama_dir), device="cpu", pipeline_depth=2), output_scale=0.01)
     work = merge_streams([Stream(50.0, 12)], seed=3)

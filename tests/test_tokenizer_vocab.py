@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conveyor.runtime import LLM, SamplingParams
-from conveyor.runtime.config import ConfigError
+from conveyor.runtime.engine.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
-from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
 from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
 from conveyor.runtime.server.metrics import CONTENT_TYPE, ServerMetrics

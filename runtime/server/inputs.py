@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from conveyor.runtime.async_engine import AsyncEngine
-from conveyor.runtime.input_processor import Prompt
+from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request
 from conveyor.runtime.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields
 from conveyor.scheduler import InvalidRequestError, Request, SamplingParams

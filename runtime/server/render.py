@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from conveyor.runtime.outputs import RequestOutput, SampleLogprobs
+from conveyor.runtime.engine.outputs import RequestOutput, SampleLogprobs
 from conveyor.runtime.server.inputs import Plan
 from conveyor.runtime.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,

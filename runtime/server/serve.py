@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from conveyor.runtime.async_engine import AsyncEngine
-from conveyor.runtime.config import EngineConfig
+from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, build_app
 
 log = structlog.get_logger("conveyor.server")

@@ -16,7 +16,7 @@ from contextlib import aclosing
 import structlog
 
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
-from conveyor.runtime.outputs import RequestOutput
+from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import Request
 
 log = structlog.get_logger("conveyor.server")

@@ -34,9 +34,10 @@ from typing import NamedTuple
 import structlog
 
 from conveyor.scheduler.length_predictor import LengthPredictor
+from conveyor.scheduler.policies.base import SchedulerLoad, SchedulingPolicy
+from conveyor.scheduler.policies.fcfs import FCFSPolicy
 from conveyor.scheduler.policies.priority import PriorityPolicy
 from conveyor.scheduler.policies.sjf import SJFPolicy
-from conveyor.scheduler.policy import FCFSPolicy, SchedulerLoad, SchedulingPolicy
 from conveyor.scheduler.request import Request
 
 log = structlog.get_logger("conveyor.policy")

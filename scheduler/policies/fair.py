@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 
-from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulingPolicy
 from conveyor.scheduler.request import Request
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conveyor.scheduler.policy import FCFSPolicy
+from conveyor.scheduler.policies.fcfs import FCFSPolicy
 from conveyor.scheduler.request import Request
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conveyor.scheduler.policy import FCFSPolicy
+from conveyor.scheduler.policies.fcfs import FCFSPolicy
 from conveyor.scheduler.request import Request
 
 
 class LPMPolicy(FCFSPolicy):
     name = "lpm"
+    uses_prefix_len = True
 
     def __init__(self, max_queue: int = 128) -> None:
         super().__init__()

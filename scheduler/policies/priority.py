@@ -17,7 +17,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 
-from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulingPolicy
 from conveyor.scheduler.request import Request, RequestStatus
 
 Clock = Callable[[], float]

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from conveyor.scheduler.policies.fair import tenant_of
-from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulingPolicy
 from conveyor.scheduler.request import Request
 
 

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from conveyor.scheduler.length_predictor import LengthPredictor
-from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulingPolicy
 from conveyor.scheduler.request import FinishReason, Request
 
 Key = tuple[int, float, float]

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from conveyor.scheduler.policy import SchedulingPolicy
+from conveyor.scheduler.policies.base import SchedulingPolicy
 from conveyor.scheduler.request import Request
 
 Clock = Callable[[], float]

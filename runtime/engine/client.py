@@ -1,0 +1,55 @@
+"""What the HTTP server and the CLI need of an engine: ``AsyncEngine`` in this process, or (later) a
+router that forwards to workers in others. The server depends on this, never on a concrete engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.engine.input_processor import Prompt
+from conveyor.runtime.engine.outputs import RequestOutput
+from conveyor.runtime.engine.step_stats import EngineStats
+from conveyor.scheduler import Request, SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineClient(Protocol):
+    config: EngineConfig
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Any | None: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    def num_waiting(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def make_request(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                     messages: list[dict[str, Any]] | None = None, request_id: str | None = None,
+                     priority: int = 0, tenant: str | None = None) -> Request:
+        """Validate and tokenize; raises InvalidRequestError naming the field at fault."""
+        ...
+
+    def submit(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Stream a validated request's outputs; leaving the loop early aborts it."""
+        ...
+
+    def generate(self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+                 messages: list[dict[str, Any]] | None = None, request_id: str | None = None,
+                 priority: int = 0, tenant: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def shutdown(self) -> None: ...

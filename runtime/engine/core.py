@@ -1,0 +1,215 @@
+"""The engine loop: schedule batch N+1, launch it, then wait for batch N and turn its ids into outputs.
+
+The engine holds no tensors and imports no model code: it builds the scheduler and page
+bookkeeping over the ``KVLayout`` its executor reports, and runs batches through that executor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from conveyor.memory import KVCacheManager, SwapSpace, make_reservation
+from conveyor.runtime.engine.config import ConfigError, EngineConfig
+from conveyor.runtime.engine.executor import BatchResult, Executor
+from conveyor.runtime.engine.input_processor import InputProcessor
+from conveyor.runtime.engine.output_processor import OutputProcessor
+from conveyor.runtime.engine.outputs import RequestOutput, SampleLogprobs, TokenLogprob
+from conveyor.runtime.engine.predictor_store import load_predictor, save_predictor
+from conveyor.runtime.engine.step_stats import DeviceTime, EngineStats, StepRecord
+from conveyor.scheduler import (
+    FinishReason,
+    Request,
+    ScheduledBatch,
+    Scheduler,
+    SchedulerLimits,
+    SchedulingPolicy,
+    make_policy,
+)
+
+STALL_POLL_S = 0.002  # how long a caller waits after a step the policy stalled on purpose
+
+
+class ModelInfo(NamedTuple):
+    """What the engine knows of the model: no weights, only the limits its requests live within."""
+
+    name: str
+    vocab_size: int  # ids the model samples from (the tokenizer's size when it is smaller)
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_max_model_len(config: EngineConfig, model: ModelInfo) -> int:
+    """The context length requests live within; a ConfigError when the config cannot serve it."""
+    max_len = config.max_model_len or model.max_position_embeddings
+    if max_len > model.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_len} exceeds the model's {model.max_position_embeddings} positions")
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_len:
+        raise ConfigError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+    return max_len
+
+
+def _logprobs(lp: tuple[list[float], list[list[int]], list[list[float]]] | None) -> list[SampleLogprobs] | None:
+    if lp is None:
+        return None
+    sampled, top_ids, top_values = lp
+    return [
+        SampleLogprobs(token_id=-1, logprob=v, top=[TokenLogprob(i, x) for i, x in zip(ids, vals)])
+        for v, ids, vals in zip(sampled, top_ids, top_values)
+    ]
+
+
+class _InFlight(NamedTuple):
+    batch: ScheduledBatch
+    launched: Any  # the executor's handle
+    schedule: tuple[float, float]
+    prepare: tuple[float, float]
+    launch: tuple[float, float]
+    busy: bool  # work was under way when this batch was scheduled
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor, model: ModelInfo, tokenizer: Any | None = None,
+                 *, clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | None = None) -> None:
+        """``clock`` stamps arrivals, first tokens and finishes and drives time-aware policies (the
+        simulator injects its own); ``policy`` replaces the one ``config.schedule_policy`` names."""
+        self.config = config
+        self.executor = executor
+        self.model_info = model
+        self.model_name = config.served_model_name or model.name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_len = resolve_max_model_len(config, model)
+        layout = executor.kv_layout
+        if layout.num_pages * config.block_size < max_len:
+            raise ConfigError(
+                f"the KV pool holds {layout.num_pages * config.block_size} tokens, fewer than "
+                f"max_model_len {max_len}; lower --max-model-len or give the KV cache more memory"
+            )
+        kv = KVCacheManager(
+            layout.num_pages, config.block_size,
+            make_reservation(config.reservation, config.reservation_beta, config.reservation_adapt),
+            first_page=layout.first_page, enable_prefix_caching=config.enable_prefix_caching,
+        )
+        limits = SchedulerLimits(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        if policy is None:
+            policy = make_policy(
+                config.schedule_policy, clock=clock, priority_aging_s=config.priority_aging_s,
+                static_batch_size=config.static_batch_size, static_batch_timeout=config.static_batch_timeout,
+                round_robin_time_slice=config.round_robin_time_slice, tenant_weights=config.tenant_weights,
+            )
+        self._predictor_path = Path(config.length_predictor_path) if config.length_predictor_path else None
+        if self._predictor_path is not None:
+            if policy.predictor is None:
+                raise ConfigError(f"--length-predictor-path needs a policy that predicts lengths (sjf, srtf, "
+                                  f"adaptive), not {config.schedule_policy}")
+            if self._predictor_path.exists():
+                load_predictor(policy.predictor, self._predictor_path)
+        swap = None
+        if config.preemption_mode == "swap":
+            swap = SwapSpace(int(config.swap_space * 2**30) // layout.page_bytes)
+        self.scheduler = Scheduler(limits, policy, kv, clock=clock, swap=swap)
+        self.pipeline_depth = config.pipeline_depth
+        self._in_flight: deque[_InFlight] = deque()
+        self.stalled = False
+        self._device = DeviceTime()
+        self._debug_checks = os.environ.get("CONVEYOR_DEBUG_CHECKS") == "1"  # integrity after every step
+        self.outputs = OutputProcessor(self.scheduler, tokenizer, model.eos_token_ids, clock=clock)
+        self.inputs = InputProcessor(tokenizer, max_len, model.vocab_size)
+        self.step_records: list[StepRecord] | None = None  # set to [] to record every step
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add(req)
+        self.outputs.track(req)
+
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+                      error: str | None = None) -> RequestOutput | None:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None  # unknown or already finished: aborting is idempotent
+        return self.outputs.abort(req, reason, error)
+
+    def stats(self) -> EngineStats:
+        return EngineStats.of(self.scheduler, self._device)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._in_flight)
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Launch batch N+1 if there is one; then, if the pipeline is full, wait for batch N.
+
+        Depth 1 is the no-overlap twin: launch, wait, process, repeat.
+        """
+        launched = self._launch_next()
+        # Nothing launched and nothing in flight while requests exist: the policy is holding them
+        # back on purpose (a static batch filling up). The caller should wait, not spin.
+        self.stalled = not launched and not self._in_flight
+        if self.stalled and (drops := self.scheduler.take_drops()):
+            self.executor.run_swaps(drops)  # nothing in flight: the device is idle
+        if not self._must_wait(launched):
+            return []
+        return self._finish_oldest()
+
+    def _must_wait(self, launched: bool) -> bool:
+        """The overlap condition, the one place that decides it: wait for the oldest batch once
+        ``pipeline_depth`` batches are in flight, or when nothing new was launched (drain)."""
+        return bool(self._in_flight) and (not launched or len(self._in_flight) >= self.pipeline_depth)
+
+    def _launch_next(self) -> bool:
+        clock = time.perf_counter
+        t0 = clock()
+        # Work was already under way (not a new request waking an idle engine): a device gap
+        # before this batch is the pipeline's fault, and counts as idle.
+        busy = bool(self._in_flight) or bool(self.scheduler.running)
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        t1 = clock()
+        prepared = self.executor.prepare(batch)
+        t2 = clock()
+        launched = self.executor.launch(prepared)
+        self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+        return True
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        done = self._in_flight.popleft()
+        t3 = time.perf_counter()
+        result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        t4 = time.perf_counter()
+        outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        self.scheduler.batch_done(done.batch)
+        idle = self._device.add(result.device_start, result.device_end, counts_idle=done.busy)
+        if self.step_records is not None:
+            self._record(done, result, (t3, t4), idle)
+        if self._debug_checks:
+            self.check_integrity()
+        return outputs
+
+    def _record(self, done: _InFlight, result: BatchResult, wait: tuple[float, float], idle: float) -> None:
+        assert self.step_records is not None
+        self.step_records.append(StepRecord.of(
+            done.batch, schedule=done.schedule, prepare=done.prepare, launch=done.launch, wait=wait,
+            process=(wait[1], time.perf_counter()), device=(result.device_start, result.device_end),
+            device_idle_before=idle,
+        ))
+
+    def close(self) -> None:
+        while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
+            self.executor.wait(self._in_flight.popleft().launched)
+        self.executor.close()
+        if self._predictor_path is not None:
+            assert self.scheduler.policy.predictor is not None
+            save_predictor(self.scheduler.policy.predictor, self._predictor_path)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,54 @@
+"""The seam between the engine and the device: what the engine asks of an executor.
+
+The engine schedules, keeps page and slot bookkeeping and turns sampled ids into outputs; it holds
+no tensors. An executor owns everything on the device (one worker per GPU rank: model, KV pool,
+token pool, pinned staging, graphs, swapper) and runs what the engine scheduled, in launch order.
+``CpuExecutor`` and ``CudaExecutor`` (``runtime/worker``) run the model; ``SimulatedExecutor``
+(``runtime/tools/simulator``) charges a cost model's step time instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+from conveyor.memory import SwapOp
+from conveyor.scheduler import ScheduledBatch
+
+
+class KVLayout(NamedTuple):
+    """What the engine's page bookkeeping must know of the device's KV pool."""
+
+    num_pages: int  # pages the engine may hand out
+    first_page: int  # the id of the first of them (pages below it are reserved by the device)
+    page_bytes: int  # one page across all layers, K and V: what a swapped-out page costs in host memory
+
+
+class BatchResult(NamedTuple):
+    token_ids: list[int]  # one sampled id per sampling sequence, in batch order
+    logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None  # sampled, top ids, top values
+    device_start: float  # host-clock seconds when the device started the batch
+    device_end: float  # ... and finished it
+
+
+class Executor(Protocol):
+    """Batches run in launch order; that order is the only synchronisation between batch N writing
+    the token pool and batch N+1 reading it. ``launch`` returns at once with the batch in flight,
+    ``wait`` blocks until that batch's sampled ids are on the host."""
+
+    kv_layout: KVLayout
+
+    def prepare(self, batch: ScheduledBatch) -> Any:
+        """Stage the batch's inputs (host work only); the result is handed to ``launch``."""
+        ...
+
+    def launch(self, prepared: Any) -> Any:
+        """Enqueue the batch; the handle keeps alive every buffer the in-flight batch reads."""
+        ...
+
+    def wait(self, launched: Any) -> BatchResult: ...
+
+    def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
+        """Run KV swap-outs now; called only when nothing is in flight."""
+        ...
+
+    def close(self) -> None: ...

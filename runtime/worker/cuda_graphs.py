@@ -1,0 +1,134 @@
+"""Decode as CUDA graphs: one graph per padded batch size, replayed after a FlashInfer plan().
+
+A graph covers the token-pool gather, the whole forward and the logits; sampling stays eager (it
+depends on per-request settings). Its static inputs are views of fixed regions of the pinned
+staging buffer's device side, so preparing a batch is all it takes to feed the next replay.
+Padded rows read and write only the padding slot and the reserved KV page 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
+from conveyor.model.attention import AttentionMetadata
+from conveyor.model.attention.flashinfer_backend import PlanFence, append_kv, decode_uses_tensor_cores
+from conveyor.model.decoder import DecoderModel
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class _GraphDecodeAttention:
+    """The attention backend inside a captured graph: plan() happens outside, before each replay."""
+
+    def __init__(self, wrapper) -> None:
+        self.wrapper = wrapper
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        raise AssertionError("graph decode attention is planned by DecodeGraphs.replay")
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        append_kv(kv_cache, k, v, meta)
+        return self.wrapper.run(q, kv_cache)
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, wrapper, logits: torch.Tensor, plan_info: list) -> None:
+        self.graph, self.wrapper, self.logits, self.plan_info = graph, wrapper, logits, plan_info
+        self.fence = PlanFence()
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, kv_pool: KVPool, token_pool: TokenPool, staging: PinnedStaging,
+                 max_batch: int, workspace: torch.Tensor, batch_invariant: bool = False) -> None:
+        import flashinfer
+
+        cfg = model.config
+        self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_pool.page_size)
+        self.sizes = capture_sizes(max_batch)
+        # Batch-invariant decode: the tensor-core kernel with the KV never split is the same fa2
+        # kernel, bit for bit, as the eager path's pinned prefill plan (measured on an H100), so a
+        # token gets the same attention in a graph, a mixed batch or a recomputed prefill.
+        self.batch_invariant = batch_invariant
+        tensor_cores = batch_invariant or decode_uses_tensor_cores(cfg.num_heads, cfg.num_kv_heads)
+        self._graphs: dict[int, _Graph] = {}
+        device = kv_pool.data.device
+        pool = torch.cuda.graph_pool_handle()
+        slots, positions = staging.region("token_slots"), staging.region("positions")
+        slot_mapping, kv_indices = staging.region("slot_mapping"), staging.region("kv_indices")
+        kv_indptr, last_len = staging.region("kv_indptr"), staging.region("kv_last_page_len")
+        batch_indices = staging.region("batch_indices")
+        # Safe values for warm-up and capture: every row decodes position 0 of the padding slot
+        # into page 0.
+        slots.fill_(token_pool.padding_slot)
+        for region in (positions, slot_mapping, kv_indices):
+            region.zero_()
+        last_len.fill_(1)
+        kv_indptr.copy_(torch.arange(kv_indptr.shape[0], dtype=torch.int32))
+        batch_indices.copy_(torch.arange(batch_indices.shape[0], dtype=torch.int32))
+        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(kv_indices.shape[0], dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device),
+                backend="fa2",
+            )
+            meta = AttentionMetadata(
+                num_decodes=bs,
+                query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
+                kv_lens_cpu=torch.ones(bs, dtype=torch.int32),
+                page_table=kv_indices[:bs].view(bs, 1),
+                slot_mapping=slot_mapping[:bs],
+                page_size=kv_pool.page_size,
+                kv_indptr_cpu=torch.arange(bs + 1, dtype=torch.int32),
+                kv_indices=kv_indices[:bs],
+                kv_last_page_len_cpu=torch.ones(bs, dtype=torch.int32),
+                kv_indptr=kv_indptr[: bs + 1],
+                kv_last_page_len=last_len[:bs],
+                batch_indices=batch_indices[:bs],
+                positions=positions[:bs],
+            )
+            self._plan(wrapper, meta)
+            backend = _GraphDecodeAttention(wrapper)
+            inputs = (token_pool, kv_pool, slots[:bs], positions[:bs], backend, meta)
+            self._forward(model, *inputs)  # warm-up outside capture: loads modules, fills cached buffers
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(model, *inputs)
+            self._graphs[bs] = _Graph(graph, wrapper, logits, list(wrapper._plan_info))
+        torch.cuda.synchronize()
+
+    @staticmethod
+    def _forward(model: DecoderModel, token_pool: TokenPool, kv_pool: KVPool, slots: torch.Tensor,
+                 positions: torch.Tensor, backend: _GraphDecodeAttention, meta: AttentionMetadata) -> torch.Tensor:
+        """What a decode graph holds: gather input ids from the token pool, the forward, the logits."""
+        ids = token_pool.gather(slots, positions)
+        hidden = model(ids, positions, kv_pool.data, backend, meta)  # type: ignore[arg-type]
+        return model.compute_logits(hidden)
+
+    def batch_size_for(self, n: int) -> int | None:
+        for bs in self.sizes:
+            if bs >= n:
+                return bs
+        return None
+
+    def _plan(self, wrapper, meta: AttentionMetadata) -> None:
+        hq, hkv, d, ps = self.heads
+        wrapper.plan(meta.kv_indptr_cpu, meta.kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d, ps,
+                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                     disable_split_kv=self.batch_invariant)
+
+    def replay(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        g = self._graphs[bs]
+        with g.fence:
+            self._plan(g.wrapper, meta)
+        # The plan's launch parameters were baked into the graph at capture; they must not move.
+        assert g.wrapper._plan_info == g.plan_info, "FlashInfer decode plan changed shape under a graph"
+        g.graph.replay()
+        return g.logits

@@ -1,0 +1,147 @@
+"""The executors that run a worker's model: one CUDA stream, or one CPU worker thread.
+
+Both keep the contract of ``runtime.engine.executor.Executor``: ``launch`` returns at once with the
+batch in flight, ``wait`` blocks until its sampled ids are on the host, batches run in launch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import torch
+
+from conveyor.memory import SwapOp
+from conveyor.model.sampling import Logprobs, SamplerOutput
+from conveyor.runtime.engine.executor import BatchResult
+from conveyor.runtime.worker.model_runner import PreparedBatch
+from conveyor.runtime.worker.worker import Worker
+from conveyor.scheduler import ScheduledBatch
+
+
+class Launched(NamedTuple):
+    prepared: PreparedBatch  # keeps every tensor the in-flight batch reads alive
+    handle: Any  # executor-specific
+
+
+def _host_logprobs(lp: Logprobs | None) -> tuple[list[float], list[list[int]], list[list[float]]] | None:
+    if lp is None:
+        return None
+    return lp.sampled.tolist(), lp.top_ids.tolist(), lp.top_values.tolist()
+
+
+class _WorkerExecutor:
+    """What both executors do the same way: staging on the host, swaps, the worker's KV layout."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.runner = worker.runner
+        self.kv_layout = worker.kv_layout
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        return self.runner.prepare(batch)
+
+    def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
+        assert self.runner.swapper is not None, "a swap was scheduled without a swapper"
+        self.runner.swapper.run(ops)
+
+
+class CpuExecutor(_WorkerExecutor):
+    """One worker thread runs the forward (torch releases the GIL in its kernels), so the engine
+    thread schedules and prepares batch N+1 while batch N computes: the same pipeline as on a GPU."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-consumer")
+
+    def launch(self, prepared: PreparedBatch) -> Launched:
+        return Launched(prepared, self._worker.submit(self._run, prepared))
+
+    def _run(self, prepared: PreparedBatch) -> BatchResult:
+        start = time.perf_counter()
+        out: SamplerOutput = self.runner.execute(prepared)
+        ids = out.token_ids.tolist()
+        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter())
+
+    def wait(self, launched: Launched) -> BatchResult:
+        future: Future[BatchResult] = launched.handle
+        return future.result()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+
+class _CudaHandle(NamedTuple):
+    out: SamplerOutput
+    host_ids: torch.Tensor  # pinned; filled by the D2H copy
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+class _SyncDebug:
+    """torch.cuda.set_sync_debug_mode("error") for the launch path: any hidden host sync raises."""
+
+    def __enter__(self) -> None:
+        self._old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.set_sync_debug_mode(self._old)
+
+
+class CudaExecutor(_WorkerExecutor):
+    """Kernels go on the current stream; the sampled ids come back through a pinned buffer and an event.
+
+    ``CONVEYOR_DEBUG_SYNC=1`` runs ``prepare`` and ``launch`` under torch's sync-debug mode.
+    """
+
+    def __init__(self, worker: Worker, max_batch: int, depth: int) -> None:
+        super().__init__(worker)
+        self._debug = _SyncDebug if os.environ.get("CONVEYOR_DEBUG_SYNC") == "1" else contextlib.nullcontext
+        # depth + 1 pinned read-back buffers, round robin: buffer i is rewritten only by the batch
+        # launched depth + 1 batches later, by which time batch i has been waited for.
+        self._host_ids = [torch.empty(max_batch, dtype=torch.int64, pin_memory=True) for _ in range(depth + 1)]
+        self._next = 0
+        # Anchor device time to host time once, so device intervals can be drawn on the host clock.
+        self._anchor = torch.cuda.Event(enable_timing=True)
+        self._anchor.record()
+        self._anchor.synchronize()
+        self._anchor_host = time.perf_counter()
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        with self._debug():
+            return self.runner.prepare(batch)
+
+    def launch(self, prepared: PreparedBatch) -> Launched:
+        with self._debug():
+            return self._launch(prepared)
+
+    def _launch(self, prepared: PreparedBatch) -> Launched:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.runner.execute(prepared)
+        n = out.token_ids.shape[0]
+        host = self._host_ids[self._next][:n]
+        self._next = (self._next + 1) % len(self._host_ids)
+        host.copy_(out.token_ids, non_blocking=True)
+        end.record()
+        return Launched(prepared, _CudaHandle(out, host, start, end))
+
+    def wait(self, launched: Launched) -> BatchResult:
+        h: _CudaHandle = launched.handle
+        h.end.synchronize()
+        t0 = self._anchor_host + self._anchor.elapsed_time(h.start) / 1000.0
+        t1 = self._anchor_host + self._anchor.elapsed_time(h.end) / 1000.0
+        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(worker: Worker) -> CpuExecutor | CudaExecutor:
+    if worker.device.type == "cuda":
+        return CudaExecutor(worker, worker.config.max_num_seqs, worker.config.pipeline_depth)
+    return CpuExecutor(worker)

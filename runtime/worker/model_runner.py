@@ -1,0 +1,216 @@
+"""Turns a ScheduledBatch into tensors, runs the model, samples, and writes sampled ids to the token pool.
+
+Everything the batch needs is derived from lengths and page tables on the host; input ids are
+gathered from the token pool on the device, so a batch never waits for the previous batch's
+tokens to reach the host. Decode-only batches replay a CUDA graph when one is captured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
+from conveyor.memory.device.kv_swapper import KVSwapper
+from conveyor.model.attention import AttentionBackend, AttentionMetadata
+from conveyor.model.decoder import DecoderModel
+from conveyor.model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
+from conveyor.scheduler import ScheduledBatch, ScheduledSeq
+
+if TYPE_CHECKING:
+    from conveyor.runtime.worker.cuda_graphs import DecodeGraphs
+    from conveyor.runtime.worker.piecewise_graphs import PiecewiseGraphs
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Inputs of one batch; frozen, and kept alive until the batch's outputs are read."""
+
+    batch: ScheduledBatch
+    token_slots: torch.Tensor  # [T] slot of each query token (padded rows: the padding slot)
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] query token whose logits are sampled, per sampling seq
+    sample_slots: torch.Tensor  # [S]
+    sample_positions: torch.Tensor  # [S] where each sampled id is written in the token pool
+    sampling: SamplingBatch
+    graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
+    piece_size: int | None  # else run the piecewise graphs of this many (padded) tokens
+
+
+def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
+    return {
+        "token_slots": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+        # Prefix caching shares pages between sequences, so the pool size does not bound a batch's
+        # page list; every sequence holding a full page table does.
+        "kv_indices": max_seqs * max_pages_per_seq, "page_table": max_seqs * max_pages_per_seq,
+        "kv_indptr": max_seqs + 1, "kv_last_page_len": max_seqs, "batch_indices": max_tokens,
+        "logits_indices": max_seqs, "sample_slots": max_seqs, "sample_positions": max_seqs,
+    }
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_pool: KVPool,
+        token_pool: TokenPool,
+        backend: AttentionBackend,
+        staging: PinnedStaging,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.token_pool = token_pool
+        self.backend = backend
+        self.staging = staging
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None  # prefill and mixed batches
+        self.swapper: KVSwapper | None = None  # set with --preemption-mode swap
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        seqs = batch.seqs
+        page_size = self.kv_pool.page_size
+        n = len(seqs)
+        lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n)
+        slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
+        graph_bs = None
+        if self.graphs is not None and batch.num_decodes == n:
+            graph_bs = self.graphs.batch_size_for(n)
+        if graph_bs is not None and graph_bs > n:
+            # Padded rows decode one token at position 0 of the padding slot into reserved page 0.
+            pad = graph_bs - n
+            lens = np.concatenate([lens, np.ones(pad, dtype=np.int64)])
+            starts = np.concatenate([starts, np.zeros(pad, dtype=np.int64)])
+            slots = np.concatenate([slots, np.full(pad, self.token_pool.padding_slot, dtype=np.int64)])
+        rows = len(lens)
+        qsl = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(lens, out=qsl[1:])
+        seq_of_token = np.repeat(np.arange(rows), lens)
+        positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
+        kv_lens = (starts + lens).astype(np.int32)
+        pages_used = (kv_lens + page_size - 1) // page_size
+        page_table = np.zeros((rows, max(int(pages_used.max()), 1)), dtype=np.int32)  # padded rows: page 0
+        for i, s in enumerate(seqs):
+            k = int(pages_used[i])
+            page_table[i, :k] = s.pages[:k]
+        slot_mapping = page_table[seq_of_token, positions // page_size].astype(np.int64) * page_size + positions % page_size
+        kv_indptr = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(pages_used, out=kv_indptr[1:])
+        kv_indices = page_table[np.arange(page_table.shape[1])[None, :] < pages_used[:, None]]  # row-major: CSR
+
+        kv_last_page_len = kv_lens - (pages_used - 1) * page_size
+        sampling = [i for i, s in enumerate(seqs) if s.samples]
+        num_tokens = int(qsl[-1])
+        token_slots = slots[seq_of_token]
+        piece_size = None
+        if graph_bs is None and self.pieces is not None:
+            piece_size = self.pieces.size_for(num_tokens)
+        if piece_size is not None and piece_size > num_tokens:
+            # Padded rows gather position 0 of the padding slot; attention never sees them.
+            pad = piece_size - num_tokens
+            token_slots = np.concatenate([token_slots, np.full(pad, self.token_pool.padding_slot, dtype=np.int64)])
+            positions = np.concatenate([positions, np.zeros(pad, dtype=positions.dtype)])
+        staged = self.staging.stage({
+            "kv_indptr": kv_indptr, "kv_last_page_len": kv_last_page_len, "batch_indices": seq_of_token,
+            "token_slots": token_slots, "positions": positions, "slot_mapping": slot_mapping,
+            "kv_indices": kv_indices, "page_table": page_table.reshape(-1),
+            "logits_indices": np.arange(len(sampling)) if graph_bs else qsl[1:][sampling] - 1,
+            "sample_slots": slots[sampling], "sample_positions": (starts + lens)[sampling],
+        })
+        meta = AttentionMetadata(
+            num_decodes=rows if graph_bs else batch.num_decodes,
+            query_start_loc_cpu=torch.from_numpy(qsl),
+            kv_lens_cpu=torch.from_numpy(kv_lens),
+            page_table=staged["page_table"].view(page_table.shape),
+            slot_mapping=staged["slot_mapping"],
+            page_size=page_size,
+            kv_indptr_cpu=torch.from_numpy(kv_indptr),
+            kv_indices=staged["kv_indices"],
+            kv_last_page_len_cpu=torch.from_numpy(kv_last_page_len.astype(np.int32)),
+            kv_indptr=staged["kv_indptr"],
+            kv_last_page_len=staged["kv_last_page_len"],
+            batch_indices=staged["batch_indices"],
+            positions=staged["positions"][:num_tokens],
+        )
+        return PreparedBatch(
+            batch=batch,
+            token_slots=staged["token_slots"],
+            positions=staged["positions"],
+            meta=meta,
+            logits_indices=staged["logits_indices"],
+            sample_slots=staged["sample_slots"],
+            sample_positions=staged["sample_positions"],
+            sampling=_sampling_batch([seqs[i] for i in sampling], self.device),
+            graph_batch_size=graph_bs,
+            piece_size=piece_size,
+        )
+
+    @torch.inference_mode()
+    def execute(self, prepared: PreparedBatch) -> SamplerOutput:
+        """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
+        if prepared.batch.swaps:
+            assert self.swapper is not None, "a swap was scheduled without a swapper"
+            self.swapper.run(prepared.batch.swaps)
+        self.token_pool.repoison(prepared.batch.freed_slots)  # before the new owners' writes
+        for w in prepared.batch.pool_writes:
+            self.token_pool.write(w.slot, w.start, list(w.token_ids))
+        num_samples = prepared.logits_indices.shape[0]
+        if prepared.graph_batch_size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.replay(prepared.graph_batch_size, prepared.meta)[:num_samples]
+        else:
+            self.backend.plan(prepared.meta)
+            if prepared.piece_size is not None:
+                assert self.pieces is not None
+                hidden = self.pieces.run(prepared.piece_size, prepared.batch.num_tokens, self.backend, prepared.meta,
+                                         prepared.token_slots, prepared.positions)
+            else:
+                input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
+                hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+            if num_samples == 0:
+                return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+            logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        sampling = prepared.sampling
+        if sampling.penalties is not None:
+            # The history is read on the device, after this batch's own pool writes: the previous
+            # batch's sampled ids are in it even if the host has not seen them yet.
+            history = self.token_pool.ids[prepared.sample_slots, : sampling.penalties.history.shape[1]]
+            sampling = replace(sampling, penalties=replace(sampling.penalties, history=history))
+        out = sample_with_logprobs(logits, sampling, self.generator)
+        self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, out.token_ids)
+        return out
+
+
+def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingBatch:
+    params = [s.request.params for s in seqs]
+    penalties = None
+    if any(p.has_penalties for p in params):
+        lengths = [s.kv_len for s in seqs]
+        penalties = Penalties(
+            presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            history=torch.empty((len(seqs), max(lengths)), dtype=torch.int32),  # shape only; filled at launch
+            prompt_lens=torch.tensor([s.request.num_prompt_tokens for s in seqs]).to(device, non_blocking=True),
+            lengths=torch.tensor(lengths).to(device, non_blocking=True),
+        )
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingBatch.build(
+        temperature=[p.temperature for p in params],
+        top_k=[p.top_k for p in params],
+        top_p=[p.top_p for p in params],
+        min_p=[p.min_p for p in params],
+        seeds=[p.seed for p in params],
+        steps=[s.sample_index for s in seqs],
+        device=device,
+        penalties=penalties,
+        max_logprobs=max(wanted) if wanted else None,
+    )
