@@ -214,8 +214,12 @@ class EngineCore:
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        self.outputs = OutputProcessor(self.scheduler, self.tokenizer, tuple(sorted(eos)))
-        self.inputs = InputProcessor(self.tokenizer, max_len, self.model.output_vocab)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner.eos_token_ids = self.eos_token_ids
+        self.outputs = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, max_len, self.model.output_vocab, self.eos_token_ids)
+        self.grammar_mask_s = 0.0  # host time filling structured-output masks, since start
+        self.grammar_mask_batches = 0
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
         log.info(
             "engine ready", model=self.model_name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
@@ -338,6 +342,7 @@ class EngineCore:
                 t2 = clock()
                 launched = self.executor.launch(prepared)
             self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+            self._fill_grammar_masks()  # nothing was in flight before it: its matchers are current
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = batch is None and not self._in_flight
@@ -352,6 +357,7 @@ class EngineCore:
         t4 = clock()
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
+        self._fill_grammar_masks()
         idle = 0.0
         if self._last_device_end and done.busy:
             idle = max(0.0, result.device_start - self._last_device_end)
@@ -367,11 +373,31 @@ class EngineCore:
             self.check_integrity()
         return outputs
 
+    def _fill_grammar_masks(self) -> None:
+        """The one place that releases a structured-output batch's sampling.
+
+        A batch with grammar rows launches its forward at once (it needs no token values), but its
+        mask needs every earlier token of its requests, so it is filled when the batch becomes the
+        oldest in flight: right after the batch before it was read back and its tokens advanced the
+        matchers (the sampler, waiting on it, then runs while the engine schedules the next
+        batch), or at launch if nothing was in flight. Batches without grammar rows never wait.
+        """
+        if not self._in_flight:
+            return
+        grammar = self._in_flight[0].launched.prepared.grammar
+        if grammar is None or grammar.filled:
+            return
+        grammar.fill()
+        self.grammar_mask_s += grammar.fill_s
+        self.grammar_mask_batches += 1
+        self.executor.mask_ready()
+
     def _sync_debug(self):
         return _SyncDebug() if self._debug_sync else contextlib.nullcontext()
 
     def close(self) -> None:
         while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
+            self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
             self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
         if self._predictor_path is not None:

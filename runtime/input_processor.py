@@ -5,19 +5,33 @@ Runs in the caller's thread (the API's event loop), never on the engine's launch
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any, Sequence
 
+from runtime.structured.grammar import GrammarCompiler
 from scheduler import InvalidRequestError, Request, SamplingParams
 
 Prompt = str | Sequence[int]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self._require_tokenizer("response_format"), self.vocab_size,
+                                                 self.eos_token_ids)
+            return self._grammars
 
     def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -80,7 +94,11 @@ class InputProcessor:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
-        return Request(
+        bad = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= self.vocab_size]
+        if bad:
+            field = "logit_bias" if bad[0] in params.logit_bias else "stop_token_ids"
+            raise InvalidRequestError(field, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        req = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,
             params=params,
@@ -88,3 +106,8 @@ class InputProcessor:
             priority=priority,
             tenant=tenant,
         )
+        if params.structured is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(params.structured.field, "structured outputs need a tokenizer")
+            req.grammar = self.grammars.matcher(params.structured)  # compiled once per spec, cached
+        return req

@@ -17,7 +17,8 @@ from memory import KVPool, PinnedStaging, TokenPool
 from memory.kv_swapper import KVSwapper
 from model.attention import AttentionBackend, AttentionMetadata
 from model.decoder import DecoderModel
-from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
+from model.sampling import Bias, Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
+from runtime.structured.grammar import GrammarBatch
 from scheduler import ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class PreparedBatch:
     sampling: SamplingBatch
     graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
     piece_size: int | None  # else run the piecewise graphs of this many (padded) tokens
+    grammar: GrammarBatch | None = None  # some sampling row is constrained: its mask is filled after launch
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
@@ -73,6 +75,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None  # prefill and mixed batches
         self.swapper: KVSwapper | None = None  # set with --preemption-mode swap
+        self.eos_token_ids: tuple[int, ...] = ()  # what min_tokens masks (with each request's stop ids)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         seqs = batch.seqs
@@ -148,14 +151,19 @@ class ModelRunner:
             logits_indices=staged["logits_indices"],
             sample_slots=staged["sample_slots"],
             sample_positions=staged["sample_positions"],
-            sampling=_sampling_batch([seqs[i] for i in sampling], self.device),
+            sampling=_sampling_batch([seqs[i] for i in sampling], self.device, self.eos_token_ids),
             graph_batch_size=graph_bs,
             piece_size=piece_size,
+            grammar=_grammar_batch([seqs[i] for i in sampling], self.model.output_vocab, self.device),
         )
 
-    @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> SamplerOutput:
         """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
+        return self.sample(prepared, self.forward(prepared))
+
+    @torch.inference_mode()
+    def forward(self, prepared: PreparedBatch) -> torch.Tensor | None:
+        """Launch the batch's forward; its logits [S, V] (None: nothing samples). Reads no mask."""
         if prepared.batch.swaps:
             assert self.swapper is not None, "a swap was scheduled without a swapper"
             self.swapper.run(prepared.batch.swaps)
@@ -176,9 +184,19 @@ class ModelRunner:
                 input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
                 hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
             if num_samples == 0:
-                return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+                return None
             logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        return logits
+
+    @torch.inference_mode()
+    def sample(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> SamplerOutput:
+        """Launch sampling and the token-pool write. A grammar batch's mask must be filled by now."""
+        if logits is None:
+            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
         sampling = prepared.sampling
+        if prepared.grammar is not None:
+            assert prepared.grammar.filled, "sampling a grammar batch before its mask was filled"
+            sampling = replace(sampling, token_bitmask=prepared.grammar.device_mask(self.device))
         if sampling.penalties is not None:
             # The history is read on the device, after this batch's own pool writes: the previous
             # batch's sampled ids are in it even if the host has not seen them yet.
@@ -189,7 +207,43 @@ class ModelRunner:
         return out
 
 
-def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingBatch:
+def _grammar_batch(seqs: list[ScheduledSeq], vocab: int, device: torch.device) -> GrammarBatch | None:
+    if not any(s.request.grammar is not None for s in seqs):
+        return None
+    return GrammarBatch(seqs, vocab, pin=device.type == "cuda")
+
+
+def _bias(seqs: list[ScheduledSeq], device: torch.device, eos_token_ids: tuple[int, ...]) -> Bias | None:
+    """logit_bias entries, and -inf on EOS and stop ids for rows still short of min_tokens.
+
+    Whether a row is short is known from lengths (its sample index), never from token values.
+    """
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for row, s in enumerate(seqs):
+        p = s.request.params
+        for tid, v in p.logit_bias.items():
+            rows.append(row)
+            ids.append(tid)
+            values.append(v)
+        if s.sample_index < p.min_tokens:
+            for tid in (*eos_token_ids, *p.stop_token_ids):
+                rows.append(row)
+                ids.append(tid)
+                values.append(float("-inf"))
+    if not rows:
+        return None
+
+    def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+    return Bias(dev(rows, torch.int64), dev(ids, torch.int64), dev(values, torch.float32))
+
+
+def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device,
+                    eos_token_ids: tuple[int, ...] = ()) -> SamplingBatch:
     params = [s.request.params for s in seqs]
     penalties = None
     if any(p.has_penalties for p in params):
@@ -203,7 +257,8 @@ def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingB
             lengths=torch.tensor(lengths).to(device, non_blocking=True),
         )
     wanted = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingBatch.build(
+    bias = _bias(seqs, device, eos_token_ids) if any(p.has_bias for p in params) else None
+    batch = SamplingBatch.build(
         temperature=[p.temperature for p in params],
         top_k=[p.top_k for p in params],
         top_p=[p.top_p for p in params],
@@ -214,3 +269,4 @@ def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingB
         penalties=penalties,
         max_logprobs=max(wanted) if wanted else None,
     )
+    return replace(batch, bias=bias) if bias is not None else batch

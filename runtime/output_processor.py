@@ -40,13 +40,19 @@ class OutputProcessor:
 
     def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:
         req.output_token_ids.append(token)
+        # Only kept tokens advance a matcher (zombie samples never get here). A rejected token means
+        # the mask and the matcher disagree: stop the request rather than emit invalid output.
+        rejected = req.grammar is not None and not req.grammar.accept_token(token)
         if req.first_token_time is None:
             req.first_token_time = now
         params = req.params
         detok = self._detok.get(req.request_id)
         reason: FinishReason | None = None
         stop_reason: str | int | None = None
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        error: str | None = None
+        if rejected:
+            reason, error = FinishReason.ERROR, f"token {token} violates the request's grammar"
+        elif token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             reason, stop_reason = FinishReason.STOP, token
         elif detok is not None and (stop := detok.add(token)) is not None:
             reason, stop_reason = FinishReason.STOP, stop
@@ -55,7 +61,8 @@ class OutputProcessor:
         text = detok.take_new_text(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self.finish(req, reason, stop_reason, now)
-        return self._output(req, text, [token], reason, stop_reason, logprobs=[lp] if lp is not None else None)
+        return self._output(req, text, [token], reason, stop_reason, error,
+                            logprobs=[lp] if lp is not None else None)
 
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None,
                now: float | None = None) -> None:

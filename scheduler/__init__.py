@@ -2,7 +2,7 @@
 
 from scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
 from scheduler.errors import InvalidRequestError
-from scheduler.params import SamplingParams
+from scheduler.params import SamplingParams, StructuredSpec
 from scheduler.policy import FCFSPolicy, SchedulingPolicy, make_policy
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerLimits
@@ -18,6 +18,7 @@ __all__ = [
     "ScheduledBatch",
     "ScheduledSeq",
     "Scheduler",
+    "StructuredSpec",
     "SchedulerLimits",
     "SchedulingPolicy",
     "make_policy",
