@@ -33,11 +33,14 @@ class InputProcessor:
                                                  self.eos_token_ids)
             return self._grammars
 
-    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None,
+                  chat_options: dict[str, Any] | None = None) -> list[int]:
+        """``chat_options``: apply_chat_template's keywords (chat_template, tools, add_generation_prompt,
+        continue_final_message, template variables such as enable_thinking)."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
         if messages is not None:
-            return self._chat_ids(messages)
+            return self._chat_ids(messages, chat_options or {})
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt is empty")
@@ -53,7 +56,7 @@ class InputProcessor:
             raise InvalidRequestError("prompt", "prompt is empty")
         return ids
 
-    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
         tok = self._require_tokenizer("messages")
         if not messages:
             raise InvalidRequestError("messages", "messages is empty")
@@ -61,7 +64,7 @@ class InputProcessor:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"messages[{i}]", "each message needs a role and a content")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **options})
         except Exception as e:  # the template itself rejects the conversation (jinja raise_exception)
             raise InvalidRequestError("messages", f"chat template rejected the messages: {e}") from None
         # The template already wrote the special tokens; encoding must not add a second BOS.

@@ -19,6 +19,7 @@ from aiohttp import web
 from runtime.async_engine import AsyncEngine, EngineDeadError
 from runtime.outputs import RequestOutput
 from runtime.server.errors import ApiError, bad_request, from_validation_error
+from runtime.server.fields import check_unknown_fields
 from runtime.server.inputs import Plan, chat_plan, completion_plan
 from runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.server.protocol import (
@@ -46,6 +47,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_body: int = 4 << 20  # bytes; a 128k-token prompt as JSON ids is under 1 MiB
     shutdown_timeout: float = 30.0  # seconds running requests get to finish before they are aborted
     retry_after_s: int = 1
+    ignore_unknown_fields: bool = False  # True: accept unknown request fields and log them (vLLM); else 400
+    chat_template: str | None = None  # --chat-template: a Jinja template (text) replacing the model's
+    tool_call_parser: str = "hermes"  # --tool-call-parser: how tool calls are read from the output
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -116,13 +120,13 @@ async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
 # -- routes ---------------------------------------------------------------------------------
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = completion_plan(state.engine, await _read_body(request, CompletionRequest))
+    plan = completion_plan(state.engine, await _read_body(request, CompletionRequest), state.settings)
     return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = chat_plan(state.engine, await _read_body(request, ChatCompletionRequest))
+    plan = chat_plan(state.engine, await _read_body(request, ChatCompletionRequest), state.settings)
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
@@ -156,7 +160,9 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
         raise too_large from None
     try:
-        return msgspec.json.decode(raw, type=kind)
+        obj = msgspec.json.decode(raw)
+        check_unknown_fields(obj, kind, request.app[STATE].settings.ignore_unknown_fields, request.path)
+        return msgspec.convert(obj, type=kind)
     except msgspec.ValidationError as e:
         raise from_validation_error(e) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:

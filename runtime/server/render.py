@@ -16,9 +16,10 @@ from runtime.outputs import RequestOutput, SampleLogprobs
 from runtime.server.inputs import Plan
 from runtime.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
-    TokenLogprobEntry, TopLogprob, Usage,
+    ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, DeltaFunction,
+    DeltaToolCall, PromptTokensDetails, TokenLogprobEntry, TopLogprob, Usage,
 )
+from runtime.server.tools import parse_output, safe_content_prefix
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ChoiceState:
     error: str | None = None
     completion_logprobs: CompletionLogprobs | None = None
     chat_logprobs: list[TokenLogprobEntry] | None = None
+    sent_chars: int = 0  # tools, streaming: content already sent
+    held_logprobs: list[TokenLogprobEntry] | None = None  # tools, streaming: logprobs of held-back text
 
 
 def sse(body: msgspec.Struct | bytes) -> bytes:
@@ -119,14 +122,23 @@ class CompletionRenderer(Renderer):
             return None
         choice = CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=state.finish_reason,
                                   stop_reason=state.stop_reason)
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                               usage=self.usage() if self.plan.continuous_usage else None)
+
+    def opening(self) -> list[CompletionChunk]:
+        if self.plan.echo is None:
+            return []
+        return [CompletionChunk(id=self.id, created=self.created, model=self.model,
+                                choices=[CompletionChoice(index=i, text=text)])
+                for i, text in enumerate(self.plan.echo)]
 
     def usage_chunk(self) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage())
 
     def response(self) -> CompletionResponse:
         choices = [
-            CompletionChoice(index=i, text="".join(c.text), logprobs=c.completion_logprobs,
+            CompletionChoice(index=i, text=(self.plan.echo[i] if self.plan.echo else "") + "".join(c.text),
+                             logprobs=c.completion_logprobs,
                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
             for i, c in enumerate(self.choices)
         ]
@@ -164,6 +176,8 @@ class ChatRenderer(Renderer):
 
     def chunk(self, i: int, out: RequestOutput) -> ChatCompletionChunk | None:
         state, entries = self.add(i, out)
+        if self.plan.tools is not None:
+            return self._tool_chunk(i, state, out, entries)
         if not self.has_news(out):
             return None
         choice = ChatChunkChoice(
@@ -171,21 +185,65 @@ class ChatRenderer(Renderer):
             logprobs=ChatLogprobs(content=entries) if entries is not None else None,
             finish_reason=state.finish_reason, stop_reason=state.stop_reason,
         )
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return self._chunk(choice)
+
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                   usage=self.usage() if self.plan.continuous_usage else None)
+
+    def _tool_chunk(self, i: int, state: ChoiceState, out: RequestOutput,
+                    entries: list[TokenLogprobEntry] | None) -> ChatCompletionChunk | None:
+        """Content streams until a tool call may have begun; calls go out whole, once parsed at the end
+        (OpenAI's deltas: index, id, type and name, then arguments; here in one delta per call)."""
+        tools = self.plan.tools
+        assert tools is not None
+        if entries:
+            state.held_logprobs = (state.held_logprobs or []) + entries
+        text = "".join(state.text)
+        delta: ChatDelta | None = None
+        finish = state.finish_reason
+        if out.finished and finish != "error":
+            content, calls = parse_output(tools, text)
+            if calls:
+                delta = ChatDelta(tool_calls=[
+                    DeltaToolCall(index=k, id=c.id, type="function",
+                                  function=DeltaFunction(name=c.function.name, arguments=c.function.arguments))
+                    for k, c in enumerate(calls)])
+                finish = "tool_calls" if finish == "stop" else finish
+            elif text[state.sent_chars:]:
+                delta = ChatDelta(content=text[state.sent_chars:])
+        elif tools.choice == "auto":
+            upto = safe_content_prefix(text)
+            if upto > state.sent_chars:
+                delta = ChatDelta(content=text[state.sent_chars:upto])
+                state.sent_chars = upto
+        if delta is None and not out.finished:
+            return None
+        lp, state.held_logprobs = state.held_logprobs, None
+        return self._chunk(ChatChunkChoice(
+            index=i, delta=delta or ChatDelta(), logprobs=ChatLogprobs(content=lp) if lp is not None else None,
+            finish_reason=finish, stop_reason=state.stop_reason,
+        ))
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                    usage=self.usage())
 
     def response(self) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=i, message=AssistantMessage(content="".join(c.text)),
+        choices = []
+        for i, c in enumerate(self.choices):
+            text = "".join(c.text)
+            message, finish = AssistantMessage(content=text), c.finish_reason
+            if self.plan.tools is not None and finish != "error":
+                content, calls = parse_output(self.plan.tools, text)
+                if calls:
+                    message = AssistantMessage(content=content, tool_calls=calls)
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(ChatChoice(
+                index=i, message=message,
                 logprobs=ChatLogprobs(content=c.chat_logprobs) if c.chat_logprobs is not None else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            )
-            for i, c in enumerate(self.choices)
-        ]
+                finish_reason=finish, stop_reason=c.stop_reason,
+            ))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage())
 
