@@ -90,6 +90,11 @@ def chat_plan(engine: AsyncEngine, body: ChatCompletionRequest, settings: Server
     return _replace(plan, tools=tools if tools is not None and tools.parses else None)
 
 
+# apply_chat_template keywords that have request fields of their own, or that the server sets.
+_OWN_TEMPLATE_KEYS = frozenset({"messages", "conversation", "tokenize", "return_dict", "tools", "documents",
+                                "chat_template", "add_generation_prompt", "continue_final_message"})
+
+
 def chat_options(engine: AsyncEngine, body: ChatCompletionRequest, settings: ServerSettings | None,
                  tools: ToolSetup | None) -> dict[str, Any]:
     """apply_chat_template's keywords for this request; the template's own variables come last."""
@@ -108,7 +113,7 @@ def chat_options(engine: AsyncEngine, body: ChatCompletionRequest, settings: Ser
     if tools is not None and template_knows_tools(engine.tokenizer, template):
         options["tools"] = tools.tools
     for key, value in (body.chat_template_kwargs or {}).items():
-        if key in options or key in ("messages", "tokenize", "conversation", "return_dict"):
+        if key in options or key in _OWN_TEMPLATE_KEYS:
             raise bad_request("chat_template_kwargs", f"chat_template_kwargs: {key!r} is set by the request "
                               "itself and cannot be passed here")
         options[key] = value

@@ -87,7 +87,7 @@ def tool_constraint(setup: ToolSetup) -> StructuredSpec | None:
     """``required``: a JSON array of {name, arguments} calls; named: the arguments object."""
     if setup.choice == "named":
         assert setup.named is not None
-        return StructuredSpec(kind="json_schema", value=json.dumps(_params(setup, setup.named), sort_keys=True),
+        return StructuredSpec(kind="json_schema", value=json.dumps(_params(setup, setup.named)),
                               field="tool_choice")
     if setup.choice != "required":
         return None
@@ -99,7 +99,7 @@ def tool_constraint(setup: ToolSetup) -> StructuredSpec | None:
     schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
     if not setup.parallel:
         schema["maxItems"] = 1
-    return StructuredSpec(kind="json_schema", value=json.dumps(schema, sort_keys=True), field="tool_choice")
+    return StructuredSpec(kind="json_schema", value=json.dumps(schema), field="tool_choice")
 
 
 def template_knows_tools(tokenizer: Any, template: str | None) -> bool:

@@ -14,6 +14,7 @@ when in one place: ``EngineCore._fill_grammar_masks``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from scheduler import InvalidRequestError, ScheduledSeq, StructuredSpec
 
 log = structlog.get_logger("conveyor.structured")
 
+_XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 MASK_WAIT_S = 120.0  # a sampler waiting longer than this for its mask is a bug, not a slow host
 _COMPILE_CACHE = 256  # distinct specs kept compiled
 
@@ -60,7 +62,9 @@ class GrammarCompiler:
         except InvalidRequestError:
             raise
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with the parser's message
-            raise InvalidRequestError(spec.field, f"invalid {spec.kind.replace('_', ' ')}: {e}") from None
+            # xgrammar prefixes "[hh:mm:ss] /path/file.cc:line: "; the client needs the rest.
+            message = _XGR_PREFIX.sub("", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+            raise InvalidRequestError(spec.field, f"invalid {spec.kind.replace('_', ' ')}: {message}") from None
         with self._lock:
             if len(self._cache) >= _COMPILE_CACHE:
                 self._cache.pop(next(iter(self._cache)))
