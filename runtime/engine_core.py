@@ -351,6 +351,7 @@ class EngineCore:
             self.runner.swapper.run(drops)  # nothing in flight: the executor is idle
         if not self._in_flight or (batch is not None and len(self._in_flight) < self.pipeline_depth):
             return []
+        self._fill_grammar_masks()  # a no-op unless a failed step skipped it: never wait on an unfilled mask
         done = self._in_flight.popleft()
         t3 = clock()
         result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
