@@ -132,6 +132,10 @@ async def test_json_object_regex_and_choice(smols: dict[int, Server]) -> None:
         out = await c.chat.completions.create(model=smol.model, messages=FRANCE, temperature=0.8, seed=1,
                                               max_tokens=10, extra_body=extra)
         assert out.choices[0].message.content in choices
+    # n choices: each has its own matcher.
+    out = await c.chat.completions.create(model=smol.model, messages=FRANCE, temperature=1.0, seed=5, n=3,
+                                          max_tokens=10, extra_body={"guided_choice": choices})
+    assert len(out.choices) == 3 and all(ch.message.content in choices for ch in out.choices)
     # Completions take the same fields.
     out = await c.completions.create(model=smol.model, prompt="The best city is", max_tokens=10,
                                      extra_body={"guided_choice": choices})
