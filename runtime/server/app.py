@@ -19,7 +19,7 @@ from aiohttp import web
 from runtime.async_engine import AsyncEngine, EngineDeadError
 from runtime.outputs import RequestOutput
 from runtime.server.errors import ApiError, bad_request, from_validation_error
-from runtime.server.fields import check_unknown_fields
+from runtime.server.fields import check_unknown_fields, compile_off_loop
 from runtime.server.inputs import Plan, chat_plan, completion_plan
 from runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from runtime.server.protocol import (
@@ -120,13 +120,17 @@ async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
 # -- routes ---------------------------------------------------------------------------------
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = completion_plan(state.engine, await _read_body(request, CompletionRequest), state.settings)
+    body = await _read_body(request, CompletionRequest)
+    await compile_off_loop(state.engine, body)
+    plan = completion_plan(state.engine, body, state.settings)
     return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = chat_plan(state.engine, await _read_body(request, ChatCompletionRequest), state.settings)
+    body = await _read_body(request, ChatCompletionRequest)
+    await compile_off_loop(state.engine, body)
+    plan = chat_plan(state.engine, body, state.settings)
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
