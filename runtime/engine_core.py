@@ -356,6 +356,9 @@ class EngineCore:
         t3 = clock()
         result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
         t4 = clock()
+        if result.prompt_logprobs is not None:  # before the samples: a first output carries them
+            self.outputs.record_prompt_logprobs(done.batch, done.launched.prepared.prompt_lp.spans,
+                                                result.prompt_logprobs)
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
         self._fill_grammar_masks()

@@ -29,11 +29,20 @@ class BatchResult(NamedTuple):
     logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None  # sampled, top ids, top values
     device_start: float  # host-clock seconds when the device started the batch
     device_end: float  # ... and finished it
+    # prompt_logprobs rows (PromptLogprobsBatch.spans order): logprob, rank, top ids, top values
+    prompt_logprobs: tuple[list[float], list[int], list[list[int]], list[list[float]]] | None = None
 
 
 class Launched(NamedTuple):
     prepared: PreparedBatch  # keeps every tensor the in-flight batch reads alive
     handle: Any  # executor-specific
+
+
+def _host_prompt_logprobs(prepared: PreparedBatch) -> tuple | None:
+    plp = prepared.prompt_lp
+    if plp is None or plp.result is None:
+        return None
+    return tuple(t.tolist() for t in plp.result)
 
 
 def _host_logprobs(lp: Logprobs | None) -> tuple[list[float], list[list[int]], list[list[float]]] | None:
@@ -60,7 +69,8 @@ class CpuExecutor:
             prepared.grammar.wait()  # the engine thread fills it once the previous batch is processed
         out: SamplerOutput = self.runner.sample(prepared, logits)
         ids = out.token_ids.tolist()
-        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter())
+        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter(),
+                           _host_prompt_logprobs(prepared))
 
     def mask_ready(self) -> None:
         pass  # the worker waits on the mask's event itself
@@ -149,7 +159,8 @@ class CudaExecutor:
         h.end.synchronize()
         t0 = self._anchor_host + self._anchor.elapsed_time(h.start) / 1000.0
         t1 = self._anchor_host + self._anchor.elapsed_time(h.end) / 1000.0
-        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1)
+        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1,
+                           _host_prompt_logprobs(h.prepared))
 
     def close(self) -> None:
         pass

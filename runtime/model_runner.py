@@ -41,6 +41,23 @@ class PreparedBatch:
     graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
     piece_size: int | None  # else run the piecewise graphs of this many (padded) tokens
     grammar: GrammarBatch | None = None  # some sampling row is constrained: its mask is filled after launch
+    prompt_lp: PromptLogprobsBatch | None = None  # some chunk computes prompt logprobs
+
+
+class PromptLogprobsBatch:
+    """Which query tokens' logits score the next prompt token; the result is set by the forward.
+
+    ``spans``: (seq index in the batch, first scored prompt position, count). ``result`` holds device
+    tensors (target logprob, its rank, top ids, top values) until the executor reads them back.
+    """
+
+    def __init__(self, spans: list[tuple[int, int, int]], token_index: torch.Tensor, targets: torch.Tensor,
+                 k: int) -> None:
+        self.spans = spans
+        self.token_index = token_index
+        self.targets = targets
+        self.k = k
+        self.result: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
@@ -84,8 +101,9 @@ class ModelRunner:
         lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n)
         slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
+        prompt_spans = _prompt_spans(seqs)
         graph_bs = None
-        if self.graphs is not None and batch.num_decodes == n:
+        if self.graphs is not None and batch.num_decodes == n and not prompt_spans:
             graph_bs = self.graphs.batch_size_for(n)
         if graph_bs is not None and graph_bs > n:
             # Padded rows decode one token at position 0 of the padding slot into reserved page 0.
@@ -155,6 +173,7 @@ class ModelRunner:
             graph_batch_size=graph_bs,
             piece_size=piece_size,
             grammar=_grammar_batch([seqs[i] for i in sampling], self.model.output_vocab, self.device),
+            prompt_lp=_prompt_lp_batch(seqs, prompt_spans, qsl, self.device),
         )
 
     def execute(self, prepared: PreparedBatch) -> SamplerOutput:
@@ -183,6 +202,8 @@ class ModelRunner:
             else:
                 input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
                 hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+            if prepared.prompt_lp is not None:
+                _score_prompt(self.model, hidden, prepared.prompt_lp)
             if num_samples == 0:
                 return None
             logits = self.model.compute_logits(hidden[prepared.logits_indices])
@@ -205,6 +226,54 @@ class ModelRunner:
         out = sample_with_logprobs(logits, sampling, self.generator)
         self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, out.token_ids)
         return out
+
+
+PROMPT_LOGITS_ROWS = 256
+
+
+def _prompt_spans(seqs: tuple[ScheduledSeq, ...]) -> list[tuple[int, int, int]]:
+    """Per chunk that covers prompt tokens of a request owed prompt logprobs: the prompt positions
+    (1..P-1) its query tokens score, as (seq index, first position, count)."""
+    spans = []
+    for i, s in enumerate(seqs):
+        req = s.request
+        if req.params.prompt_logprobs is None:
+            continue
+        last = min(s.start + s.num_tokens, req.num_prompt_tokens - 1)  # token p scores prompt token p + 1
+        if last > s.start:
+            spans.append((i, s.start + 1, last - s.start))
+    return spans
+
+
+def _prompt_lp_batch(seqs: tuple[ScheduledSeq, ...], spans: list[tuple[int, int, int]], qsl: np.ndarray,
+                     device: torch.device) -> PromptLogprobsBatch | None:
+    if not spans:
+        return None
+    index = np.concatenate([qsl[i] + np.arange(n) for i, _, n in spans])
+    targets = np.concatenate([np.asarray(seqs[i].request.prompt_token_ids[first:first + n]) for i, first, n in spans])
+    k = max(seqs[i].request.params.prompt_logprobs or 0 for i, _, _ in spans)
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a.astype(np.int64))
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+    return PromptLogprobsBatch(spans, dev(index), dev(targets), k)
+
+
+def _score_prompt(model: DecoderModel, hidden: torch.Tensor, plp: PromptLogprobsBatch) -> None:
+    """Raw log-softmax at the scored positions: the prompt token's logprob, rank and the top k."""
+    parts = []
+    for lo in range(0, plp.token_index.shape[0], PROMPT_LOGITS_ROWS):  # bounds the [rows, V] logits
+        index, targets = plp.token_index[lo:lo + PROMPT_LOGITS_ROWS], plp.targets[lo:lo + PROMPT_LOGITS_ROWS]
+        raw = torch.log_softmax(model.compute_logits(hidden[index]), dim=-1)
+        target = raw.gather(1, targets.unsqueeze(1)).squeeze(1)
+        rank = (raw > target.unsqueeze(1)).sum(dim=-1) + 1
+        top = raw.topk(plp.k, dim=-1) if plp.k > 0 else None
+        empty = raw[:, :0]
+        parts.append((target, rank, top.indices if top is not None else empty.long(),
+                      top.values if top is not None else empty))
+    target, rank, top_ids, top_values = (torch.cat(x) for x in zip(*parts))
+    plp.result = (target, rank, top_ids, top_values)
 
 
 def _grammar_batch(seqs: list[ScheduledSeq], vocab: int, device: torch.device) -> GrammarBatch | None:

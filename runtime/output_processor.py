@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
+
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.outputs import RequestOutput, SampleLogprobs
+from runtime.outputs import PromptLogprob, RequestOutput, SampleLogprobs, TokenLogprob
 from scheduler import FinishReason, Request, ScheduledBatch, Scheduler
 
 
@@ -38,6 +40,28 @@ class OutputProcessor:
             outputs.append(self._append(req, token, now, lp))
         return outputs
 
+    def record_prompt_logprobs(self, batch: ScheduledBatch, spans: list[tuple[int, int, int]],
+                               values: tuple[list[float], list[int], list[list[int]], list[list[float]]]) -> None:
+        """File each scored prompt position under its request; a position already filled (a recompute
+        after preemption scores it again) keeps its first value, which is the same."""
+        target, rank, top_ids, top_values = values
+        row = 0
+        for seq_index, first, count in spans:
+            req = batch.seqs[seq_index].request
+            if req.is_finished:
+                row += count
+                continue
+            k = req.params.prompt_logprobs or 0
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None] * req.num_prompt_tokens
+            for pos in range(first, first + count):
+                if req.prompt_logprobs[pos] is None:
+                    req.prompt_logprobs[pos] = PromptLogprob(
+                        token_id=req.prompt_token_ids[pos], logprob=target[row], rank=rank[row],
+                        top=[TokenLogprob(i, v) for i, v in zip(top_ids[row][:k], top_values[row][:k])])
+                    req.num_prompt_logprobs += 1
+                row += 1
+
     def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:
         req.output_token_ids.append(token)
         # Only kept tokens advance a matcher (zombie samples never get here). A rejected token means
@@ -61,8 +85,12 @@ class OutputProcessor:
         text = detok.take_new_text(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self.finish(req, reason, stop_reason, now)
-        return self._output(req, text, [token], reason, stop_reason, error,
-                            logprobs=[lp] if lp is not None else None)
+        out = self._output(req, text, [token], reason, stop_reason, error, logprobs=[lp] if lp is not None else None)
+        if len(req.output_token_ids) == 1 and req.params.prompt_logprobs is not None:
+            # The whole prompt has been computed by the time its first token is sampled.
+            prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else [None] * req.num_prompt_tokens
+            out = msgspec.structs.replace(out, prompt_logprobs=prompt_lp)
+        return out
 
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None,
                now: float | None = None) -> None:

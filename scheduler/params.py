@@ -40,6 +40,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and the top k
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
     structured: StructuredSpec | None = None
@@ -68,6 +69,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "token ids must be >= 0")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
         for tid, bias in self.logit_bias.items():

@@ -217,6 +217,34 @@ async def test_echo_truncation_and_continuous_usage(smols: dict[int, Server], ht
     await wait_until_idle(smol.engine)
 
 
+async def test_prompt_logprobs_and_echo_logprobs(tiny: Server, http: aiohttp.ClientSession) -> None:
+    ids = [(j * 131) % 40000 + 5 for j in range(40)]
+    out = await _post(http, tiny, C, {"prompt": ids, "max_tokens": 2, "prompt_logprobs": 2, "temperature": 0,
+                                      "ignore_eos": True})
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert str(ids[pos]) in entry and 2 <= len(entry) <= 3
+        ranks = sorted(v["rank"] for k, v in entry.items() if k != str(ids[pos]))
+        assert ranks == [1, 2] and entry[str(ids[pos])]["logprob"] <= 0
+    # The same numbers through echo + logprobs (OpenAI's legacy shape), streamed too.
+    body = {"prompt": ids, "max_tokens": 2, "logprobs": 2, "echo": True, "temperature": 0, "ignore_eos": True}
+    echo = (await _post(http, tiny, C, body))["choices"][0]
+    assert echo["prompt_logprobs"] is None  # not asked for by name
+    lp = echo["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 2 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:len(ids)] == [plp[p][str(ids[p])]["logprob"] for p in range(1, len(ids))]
+    async with http.post(tiny.url + C, json={**body, "stream": True}) as resp:
+        chunks = [json.loads(e) for e in [e async for e in sse_events(resp)][:-1]]
+    streamed = [t for ch in chunks for c in ch["choices"] if c.get("logprobs") for t in c["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+    out = await _post(http, tiny, CHAT, {"messages": OK, "max_tokens": 1, "prompt_logprobs": 0})
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert len(plp) == out["usage"]["prompt_tokens"] and all(len(e) == 1 for e in plp[1:])
+    await wait_until_idle(tiny.engine)
+
+
 # -- chat template options ------------------------------------------------------------------
 THINK_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                   "{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -366,8 +394,7 @@ REFUSED: list[tuple[str, str, dict[str, Any], str]] = [
     ("unknown-function-call", CHAT, {"messages": OK, "functions": [{"name": "f"}]}, "functions"),
     ("best-of", C, {"prompt": "x", "best_of": 2}, "best_of"),
     ("suffix", C, {"prompt": "x", "suffix": "end"}, "suffix"),
-    ("prompt-logprobs", C, {"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
-    ("echo-with-logprobs", C, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("prompt-logprobs-range", C, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ("whitespace-pattern", C, {"prompt": "x", "guided_json": {}, "guided_whitespace_pattern": " "},
      "guided_whitespace_pattern"),
     ("backend-outlines", C, {"prompt": "x", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),

@@ -122,3 +122,28 @@ def test_bad_grammar_is_an_invalid_request_naming_the_field(tiny_chat_dir):
         core.inputs.make_request([5, 6], SamplingParams(structured=bad))
     assert e.value.field == "structured_outputs.regex"
     core.close()
+
+
+def test_prompt_logprobs_match_a_full_forward_through_chunks_and_depths(tiny_chat_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [(j * 131) % 40000 + 5 for j in range(70)]  # chunked: the batch budget is 48 tokens
+    twice = [("a", prompt, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2)),
+             ("b", prompt, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0))]  # no cache hit
+    got = {}
+    for depth in (1, 2):
+        streams = drive(make_core(tiny_chat_dir, depth, pages=64), twice)
+        got[depth] = {rid: streams[rid][0].prompt_logprobs for rid in ("a", "b")}
+        assert all(o.prompt_logprobs is None for rid in ("a", "b") for o in streams[rid][1:])
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_chat_dir)).float().eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    for depth in (1, 2):
+        a, b = got[depth]["a"], got[depth]["b"]
+        assert a[0] is None and len(a) == len(prompt) and len(b[1].top) == 0 and len(a[1].top) == 2
+        for pos in range(1, len(prompt)):
+            assert a[pos].token_id == prompt[pos]
+            assert abs(a[pos].logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
+            assert abs(a[pos].logprob - b[pos].logprob) < 1e-4  # two rows of one batch, not bitwise
+            assert a[pos].rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1

@@ -77,8 +77,6 @@ def refuse_unsupported(body: GenerationFields) -> None:
     """Declared so that clients get a clear 400, not an unknown-field one; none of them is ignored."""
     if body.best_of is not None and body.best_of != 1:
         raise bad_request("best_of", "best_of: is not supported (vLLM V1 removed it); use n")
-    if body.prompt_logprobs is not None:
-        raise bad_request("prompt_logprobs", "prompt_logprobs: is not supported by this server")
     if body.guided_whitespace_pattern is not None:
         raise bad_request("guided_whitespace_pattern", "guided_whitespace_pattern: is not supported "
                           "(JSON is generated without optional whitespace)")
@@ -88,9 +86,6 @@ def refuse_unsupported(body: GenerationFields) -> None:
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise bad_request("suffix", "suffix: is not supported (no fill-in-the-middle)")
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo", "echo: with logprobs needs prompt logprobs, which this server does "
-                              "not compute; drop one of them")
     if isinstance(body, ChatCompletionRequest):
         if body.add_generation_prompt is not None and body.continue_final_message and body.add_generation_prompt:
             raise bad_request("continue_final_message", "continue_final_message: cannot be combined with "

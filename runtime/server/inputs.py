@@ -40,6 +40,7 @@ class Plan:
     logprobs: bool
     continuous_usage: bool = False  # usage on every chunk (stream_options.continuous_usage_stats)
     echo: list[str] | None = None  # completions with echo: each choice's prompt text, put before its output
+    prompt_logprobs: bool = False  # the client asked for prompt_logprobs (echo + logprobs computes them too)
     tools: ToolSetup | None = None  # chat with tools: the output is parsed for calls
 
 
@@ -50,8 +51,11 @@ def completion_plan(engine: AsyncEngine, body: CompletionRequest, settings: Serv
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, renames={},
                              structured=structured_spec(body))
+    if body.echo and body.logprobs is not None:  # OpenAI's echo logprobs cover the prompt tokens too
+        params = msgspec.structs.replace(params, prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))
     rid = f"cmpl-{uuid.uuid4().hex}"
     plan = _build_plan(engine, body, rid, params, [(p, None) for p in prompts], renames={}, logprobs=body.logprobs)
+    plan = _replace(plan, prompt_logprobs=body.prompt_logprobs is not None)
     if body.echo:
         texts = []
         for req in plan.requests:
@@ -87,7 +91,8 @@ def chat_plan(engine: AsyncEngine, body: ChatCompletionRequest, settings: Server
     if template_tools is None:
         options.pop("tools", None)
     plan = _build_plan(engine, body, rid, params, [(None, messages)], renames, logprobs, chat=options)
-    return _replace(plan, tools=tools if tools is not None and tools.parses else None)
+    return _replace(plan, tools=tools if tools is not None and tools.parses else None,
+                    prompt_logprobs=body.prompt_logprobs is not None)
 
 
 # apply_chat_template keywords that have request fields of their own, or that the server sets.
@@ -195,6 +200,7 @@ def sampling_params(body: GenerationFields, *, max_tokens: int | None, logprobs:
         "skip_special_tokens": body.skip_special_tokens, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
         "logprobs": logprobs, "logit_bias": bias, "min_tokens": body.min_tokens, "structured": structured,
+        "prompt_logprobs": body.prompt_logprobs,
     }
     try:
         return SamplingParams(stop=stop, **{k: v for k, v in given.items() if v is not None})

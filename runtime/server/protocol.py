@@ -77,7 +77,7 @@ class GenerationFields(msgspec.Struct, kw_only=True):
     guided_whitespace_pattern: str | None = None
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: up to the context)
     best_of: int | None = None  # refused unless 1 (vLLM V1 removed it)
-    prompt_logprobs: int | None = None  # refused: not implemented
+    prompt_logprobs: int | None = None  # vLLM: each prompt token's logprob, rank and the top k
 
 
 # msgspec allows one array-like type per union, so "list of strings | token ids | lists of token
@@ -169,9 +169,20 @@ class Usage(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
     tokens: list[str] = msgspec.field(default_factory=list)
-    token_logprobs: list[float] = msgspec.field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = msgspec.field(default_factory=list)
+    token_logprobs: list[float | None] = msgspec.field(default_factory=list)  # echo: the first prompt token's is None
+    top_logprobs: list[dict[str, float] | None] = msgspec.field(default_factory=list)
     text_offset: list[int] = msgspec.field(default_factory=list)
+
+
+class PromptLogprobEntry(msgspec.Struct, kw_only=True):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: one per prompt token (the first None), keyed by token id (as a string):
+# the prompt token itself and the top k at that position.
+PromptLogprobs = list[dict[str, PromptLogprobEntry] | None]
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -180,6 +191,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's extension: the stop string or token id that hit
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):
@@ -232,6 +244,7 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionResponse(msgspec.Struct, kw_only=True):
@@ -269,6 +282,7 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):

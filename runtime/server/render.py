@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 
-from runtime.outputs import RequestOutput, SampleLogprobs
+from runtime.outputs import PromptLogprob, RequestOutput, SampleLogprobs
 from runtime.server.inputs import Plan
 from runtime.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, DeltaFunction,
-    DeltaToolCall, PromptTokensDetails, TokenLogprobEntry, TopLogprob, Usage,
+    DeltaToolCall, PromptLogprobEntry, PromptLogprobs, PromptTokensDetails, TokenLogprobEntry, TopLogprob, Usage,
 )
 from runtime.server.tools import parse_output, safe_content_prefix
 
@@ -35,6 +35,8 @@ class ChoiceState:
     chat_logprobs: list[TokenLogprobEntry] | None = None
     sent_chars: int = 0  # tools, streaming: content already sent
     held_logprobs: list[TokenLogprobEntry] | None = None  # tools, streaming: logprobs of held-back text
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def sse(body: msgspec.Struct | bytes) -> bytes:
@@ -74,7 +76,26 @@ class Renderer:
         state.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             state.finish_reason, state.stop_reason, state.error = out.finish_reason, out.stop_reason, out.error
+        if out.prompt_logprobs is not None and self.plan.prompt_logprobs:
+            state.prompt_logprobs = [self._prompt_entry(e) for e in out.prompt_logprobs]
         return state
+
+    def _prompt_entry(self, e: PromptLogprob | None) -> dict[str, PromptLogprobEntry] | None:
+        if e is None:
+            return None
+        entry = {str(e.token_id): PromptLogprobEntry(logprob=e.logprob, rank=e.rank,
+                                                     decoded_token=self.token_text(e.token_id))}
+        for r, t in enumerate(e.top, 1):
+            entry.setdefault(str(t.token_id), PromptLogprobEntry(logprob=t.logprob, rank=r,
+                                                                 decoded_token=self.token_text(t.token_id)))
+        return entry
+
+    def take_prompt_logprobs(self, state: ChoiceState) -> PromptLogprobs | None:
+        """Streaming: the prompt logprobs go out once, on the choice's first chunk that is sent."""
+        if state.prompt_logprobs is None or state.prompt_logprobs_sent:
+            return None
+        state.prompt_logprobs_sent = True
+        return state.prompt_logprobs
 
     def has_news(self, out: RequestOutput) -> bool:
         """A delta worth a chunk: the detokenizer may hold text back (partial UTF-8, a possible stop)."""
@@ -105,9 +126,12 @@ class Renderer:
 
 class CompletionRenderer(Renderer):
     def add(self, i: int, out: RequestOutput) -> tuple[ChoiceState, CompletionLogprobs | None]:
-        offset = self.choices[i].num_chars
+        echo = self.plan.echo[i] if self.plan.echo is not None else ""
+        offset = self.choices[i].num_chars + len(echo)  # offsets count the echoed prompt too
         state = self.update(i, out)
         lp = self._logprobs(out.logprobs, offset) if self.plan.logprobs and out.logprobs else None
+        if lp is not None and self.plan.echo is not None and out.prompt_logprobs is not None:
+            lp = self._echo_logprobs(self.plan.requests[i].prompt_token_ids, out.prompt_logprobs, lp)
         if lp is not None:
             acc = state.completion_logprobs = state.completion_logprobs or CompletionLogprobs()
             acc.tokens += lp.tokens
@@ -121,7 +145,7 @@ class CompletionRenderer(Renderer):
         if not self.has_news(out):
             return None
         choice = CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=state.finish_reason,
-                                  stop_reason=state.stop_reason)
+                                  stop_reason=state.stop_reason, prompt_logprobs=self.take_prompt_logprobs(state))
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
                                usage=self.usage() if self.plan.continuous_usage else None)
 
@@ -139,11 +163,29 @@ class CompletionRenderer(Renderer):
         choices = [
             CompletionChoice(index=i, text=(self.plan.echo[i] if self.plan.echo else "") + "".join(c.text),
                              logprobs=c.completion_logprobs,
-                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=c.prompt_logprobs)
             for i, c in enumerate(self.choices)
         ]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage())
+
+    def _echo_logprobs(self, ids: list[int], prompt: list[PromptLogprob | None],
+                       output: CompletionLogprobs) -> CompletionLogprobs:
+        """The prompt's tokens first (the first has no logprob), then the output's: OpenAI's echo."""
+        lp = CompletionLogprobs()
+        offset = 0
+        for e, tid in zip(prompt, ids):
+            token = self.token_text(tid)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(e.logprob if e is not None else None)
+            lp.top_logprobs.append({self.token_text(t.token_id): t.logprob for t in e.top} if e is not None else None)
+            lp.text_offset.append(offset)
+            offset += len(token)
+        lp.tokens += output.tokens
+        lp.token_logprobs += output.token_logprobs
+        lp.top_logprobs += output.top_logprobs
+        lp.text_offset += output.text_offset
+        return lp
 
     def _logprobs(self, samples: list[SampleLogprobs], offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()
@@ -184,6 +226,7 @@ class ChatRenderer(Renderer):
             index=i, delta=ChatDelta(content=out.text or None),
             logprobs=ChatLogprobs(content=entries) if entries is not None else None,
             finish_reason=state.finish_reason, stop_reason=state.stop_reason,
+            prompt_logprobs=self.take_prompt_logprobs(state),
         )
         return self._chunk(choice)
 
@@ -222,7 +265,7 @@ class ChatRenderer(Renderer):
         lp, state.held_logprobs = state.held_logprobs, None
         return self._chunk(ChatChunkChoice(
             index=i, delta=delta or ChatDelta(), logprobs=ChatLogprobs(content=lp) if lp is not None else None,
-            finish_reason=finish, stop_reason=state.stop_reason,
+            finish_reason=finish, stop_reason=state.stop_reason, prompt_logprobs=self.take_prompt_logprobs(state),
         ))
 
     def usage_chunk(self) -> ChatCompletionChunk:
@@ -242,7 +285,7 @@ class ChatRenderer(Renderer):
             choices.append(ChatChoice(
                 index=i, message=message,
                 logprobs=ChatLogprobs(content=c.chat_logprobs) if c.chat_logprobs is not None else None,
-                finish_reason=finish, stop_reason=c.stop_reason,
+                finish_reason=finish, stop_reason=c.stop_reason, prompt_logprobs=c.prompt_logprobs,
             ))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage())
