@@ -59,15 +59,21 @@ def mask_cost(tokenizer, vocab: int, batches: tuple[int, ...]) -> dict[str, dict
 
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
     compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    from runtime.structured.grammar import PARALLEL_FILL_ROWS
+
     out["xgrammar"] = {}
+    batch_matcher = xgr.BatchGrammarMatcher()
     for b in batches:
         ms = [xgr.GrammarMatcher(compiled) for _ in range(b)]
         mask = torch.full((b, (vocab + 31) // 32), -1, dtype=torch.int32)
         t = 0.0
         for tid in ids:
             t0 = time.perf_counter()
-            for row, m in enumerate(ms):  # what GrammarBatch.fill does
-                m.fill_next_token_bitmask(mask, row)
+            if b >= PARALLEL_FILL_ROWS:  # what GrammarBatch.fill does
+                batch_matcher.batch_fill_next_token_bitmask(ms, mask, list(range(b)))
+            else:
+                for row, m in enumerate(ms):
+                    m.fill_next_token_bitmask(mask, row)
             t += time.perf_counter() - t0
             for m in ms:
                 assert m.accept_token(tid)

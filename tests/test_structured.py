@@ -64,7 +64,10 @@ def _workload():
     return reqs
 
 
-def test_structured_outputs_match_their_grammar_and_agree_across_depths(tiny_chat_dir):
+@pytest.mark.parametrize("parallel_fill_rows", [1000, 2])  # serial fill, and xgrammar's thread pool
+def test_structured_outputs_match_their_grammar_and_agree_across_depths(tiny_chat_dir, monkeypatch,
+                                                                        parallel_fill_rows):
+    monkeypatch.setattr("runtime.structured.grammar.PARALLEL_FILL_ROWS", parallel_fill_rows)
     reqs = _workload()
     results = {}
     for depth in (1, 2, 3):
