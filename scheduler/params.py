@@ -9,14 +9,15 @@ from scheduler.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries per request: OpenAI's limit
-STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 class StructuredSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A constraint on the output: compiled once per distinct spec (runtime/structured/) into a grammar.
 
-    ``value``: the JSON schema as JSON text, a regex, an EBNF grammar, the choices as a JSON list;
-    unused for json_object. ``field`` is the wire field it came from, for the 400 a bad one gets.
+    ``value``: the JSON schema as JSON text, a regex, an EBNF grammar, the choices as a JSON list,
+    an xgrammar structural tag as JSON text (free text with constrained tool calls); unused for
+    json_object. ``field`` is the wire field it came from, for the 400 a bad one gets.
     """
 
     kind: str

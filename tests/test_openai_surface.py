@@ -354,6 +354,28 @@ async def test_tool_choice_auto_parses_hermes_calls(smols: dict[int, Server], st
     await wait_until_idle(smol.engine)
 
 
+async def test_auto_with_a_strict_tool_holds_calls_to_the_schema(smols: dict[int, Server],
+                                                                 http: aiohttp.ClientSession) -> None:
+    engine = smols[2].engine
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    body = {"messages": ASK, "tools": strict, "tool_choice": "auto", "parallel_tool_calls": False}
+    plan = chat_plan(engine, msgspec.convert(body, ChatCompletionRequest))
+    matcher = plan.requests[0].grammar
+    assert matcher is not None, "a strict tool under auto must constrain the output"
+    tok = engine.tokenizer
+
+    def accepts(text: str) -> bool:
+        m = engine.core.inputs.grammars.matcher(plan.requests[0].params.structured)
+        return all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False))
+
+    assert accepts("Let me check. " + FORCED_CALL)
+    assert not accepts('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}')
+    assert not accepts('<tool_call>\n{"name": "rm_rf", "arguments": {}}')
+    out = await _post(http, smols[2], CHAT, {**body, "max_tokens": 30, "temperature": 0})
+    assert out["choices"][0]["message"]["content"]  # this model answers in prose: allowed
+    await wait_until_idle(engine)
+
+
 async def test_hermes_parser() -> None:
     setup = ToolSetup(TOOLS, "auto", None, True)
     content, calls = parse_output(setup, "Sure." + FORCED_CALL + '<tool_call>[{"name": "get_time", "arguments": '
@@ -365,6 +387,8 @@ async def test_hermes_parser() -> None:
     assert parse_output(setup, broken) == (broken, [])
     unknown = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
     assert parse_output(setup, unknown)[1] == []
+    single = ToolSetup(TOOLS, "auto", None, False)  # parallel_tool_calls false: the first call only
+    assert [t.function.name for t in parse_output(single, FORCED_CALL + FORCED_CALL)[1]] == ["get_weather"]
 
 
 async def test_tool_history_is_rendered(smols: dict[int, Server], http: aiohttp.ClientSession) -> None:

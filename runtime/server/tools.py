@@ -2,7 +2,8 @@
 named choice, and the parser that reads calls back out of the output (vLLM's ``hermes`` parser:
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, as Qwen, Hermes and SmolLM2 write them).
 
-``tool_choice``: ``auto`` lets the model answer or call (parsed); ``required`` constrains the output
+``tool_choice``: ``auto`` lets the model answer or call (parsed; with a ``strict`` tool, a call, once
+begun with ``<tool_call>``, is held to the tool's schema by an xgrammar structural tag); ``required`` constrains the output
 to a JSON array of calls, a named function to that function's arguments (vLLM's way: the output is
 then plain JSON, not tagged); ``none`` keeps the tools in the prompt and parses nothing.
 """
@@ -39,6 +40,7 @@ class ToolSetup:
     choice: str  # none | auto | required | named
     named: str | None  # the function, for a named choice
     parallel: bool
+    strict: bool = False  # some tool asked for strict arguments
 
     @property
     def parses(self) -> bool:
@@ -76,7 +78,7 @@ def tool_setup(body: ChatCompletionRequest) -> ToolSetup | None:
         "parameters": t.function.parameters or {"type": "object", "properties": {}},
     }} for t in body.tools]
     parallel = body.parallel_tool_calls is not False
-    return ToolSetup(tools, choice, named, parallel)
+    return ToolSetup(tools, choice, named, parallel, strict=any(t.function.strict for t in body.tools))
 
 
 def _params(setup: ToolSetup, name: str) -> dict[str, Any]:
@@ -84,11 +86,22 @@ def _params(setup: ToolSetup, name: str) -> dict[str, Any]:
 
 
 def tool_constraint(setup: ToolSetup) -> StructuredSpec | None:
-    """``required``: a JSON array of {name, arguments} calls; named: the arguments object."""
+    """``required``: a JSON array of {name, arguments} calls; named: the arguments object; ``auto``
+    with a strict tool: a structural tag. None: the output is not constrained."""
     if setup.choice == "named":
         assert setup.named is not None
         return StructuredSpec(kind="json_schema", value=json.dumps(_params(setup, setup.named)),
                               field="tool_choice")
+    if setup.choice == "auto" and setup.strict:
+        # Free text, but from "<tool_call>" on, a call in the Hermes format with schema-valid arguments.
+        tags = [{"type": "tag",
+                 "begin": f'{TOOL_CALL_START}\n{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
+                 "content": {"type": "json_schema", "json_schema": t["function"]["parameters"]},
+                 "end": f"}}\n{TOOL_CALL_END}"} for t in setup.tools]
+        tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": [TOOL_CALL_START],
+                                                    "tags": tags, "at_least_one": False,
+                                                    "stop_after_first": not setup.parallel}}
+        return StructuredSpec(kind="structural_tag", value=json.dumps(tag), field="tools")
     if setup.choice != "required":
         return None
     call = {"anyOf": [{
@@ -183,6 +196,8 @@ def parse_output(setup: ToolSetup, text: str) -> tuple[str | None, list[ToolCall
     if not calls:
         return text, []
     content = _BLOCK.sub("", text).strip()
+    if not setup.parallel:
+        calls = calls[:1]  # parallel_tool_calls false: at most one call, as OpenAI promises
     return content or None, calls
 
 

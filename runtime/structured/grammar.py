@@ -100,6 +100,8 @@ class GrammarCompiler:
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(x) for x in choices))
         if spec.kind == "grammar":
             return c.compile_grammar(spec.value)
+        if spec.kind == "structural_tag":
+            return c.compile_structural_tag(spec.value)
         raise InvalidRequestError(spec.field, f"unknown constraint kind {spec.kind!r}")
 
     def matcher(self, spec: StructuredSpec) -> Any:
