@@ -6,6 +6,7 @@ nothing: either every choice's ``Request`` is built, or an ``ApiError`` names th
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -130,9 +131,7 @@ def _decode(engine: AsyncEngine, ids: list[int]) -> str:
 
 
 def _replace(plan: Plan, **changes: Any) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, **changes)
+    return dataclasses.replace(plan, **changes)
 
 
 def check_model(engine: AsyncEngine, body: GenerationFields) -> None:
