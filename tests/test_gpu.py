@@ -350,7 +350,8 @@ def test_structured_outputs_agree_across_depths_on_gpu(monkeypatch, tiny_chat_di
     prompts = [[rng.randrange(3, 40000) for _ in range(rng.randint(1, 200))] for _ in range(48)]
     kinds = [list(SPECS)[i % 4] if i % 5 != 4 else None for i in range(48)]
     params = [SamplingParams(max_tokens=80, structured=SPECS[k] if k else None, seed=i,
-                             temperature=0.9 if i % 2 else 0.0, logit_bias={7: 2.0} if i % 7 == 0 else {})
+                             temperature=0.9 if i % 2 else 0.0, logit_bias={7: 2.0} if i % 7 == 0 else {},
+                             prompt_logprobs=2 if i % 6 == 0 else None)  # prompt scoring: no decode graph
               for i, k in enumerate(kinds)]
     results = {}
     for depth in (1, 2, 3):
