@@ -36,6 +36,10 @@ class SamplingBatch:
     any_min_p: bool
     penalties: "Penalties | None" = None
     max_logprobs: int | None = None  # None: no row wants logprobs
+    # logit_bias and min_tokens bans, sparse: logits[rows[i], ids[i]] += values[i] (-inf bans)
+    bias: "Bias | None" = None
+    # [B, ceil(V/32)] int32 bitmask of allowed tokens (structured outputs), set just before sampling
+    token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -81,6 +85,12 @@ class Penalties:
     lengths: torch.Tensor  # [B] int64, device: tokens in history (prompt + outputs so far)
 
 
+class Bias(NamedTuple):
+    rows: torch.Tensor  # [N] int64, device
+    ids: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] fp32
+
+
 class Logprobs(NamedTuple):
     sampled: torch.Tensor  # [B] logprob of the sampled token
     top_ids: torch.Tensor  # [B, k]
@@ -99,6 +109,10 @@ def sample_with_logprobs(logits: torch.Tensor, params: SamplingBatch,
     raw = torch.log_softmax(logits, dim=-1) if params.max_logprobs is not None else None
     if params.penalties is not None:
         logits = apply_penalties(logits, params.penalties)
+    if params.bias is not None:
+        logits = logits.index_put((params.bias.rows, params.bias.ids), params.bias.values, accumulate=True)
+    if params.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, params.token_bitmask)
     ids = sample(logits, params, generator)
     if raw is None:
         return SamplerOutput(ids, None)
@@ -109,6 +123,14 @@ def sample_with_logprobs(logits: torch.Tensor, params: SamplingBatch,
         top_ids=top.indices if top is not None else empty.long(),
         top_values=top.values if top is not None else empty,
     ))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where the row's bit is 0 (bit j of word w is token 32 w + j). Device ops only: no host sync."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab]
+    return logits.masked_fill(bits == 0, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

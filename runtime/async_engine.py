@@ -107,11 +107,22 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        chat_options: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
     ) -> Request:
-        """Validate and tokenize; raises InvalidRequestError naming the field at fault."""
+        """Validate and tokenize; raises InvalidRequestError naming the field at fault.
+
+        ``truncate_prompt_tokens``: keep only the prompt's last k tokens (-1: the last max_model_len - 1).
+        """
         if request_id is not None and request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-        ids = self.core.inputs.token_ids(prompt, messages)
+        ids = self.core.inputs.token_ids(prompt, messages, chat_options)
+        if truncate_prompt_tokens is not None:
+            if truncate_prompt_tokens == -1:
+                truncate_prompt_tokens = self.core.max_model_len - 1
+            if truncate_prompt_tokens < 1:
+                raise InvalidRequestError("truncate_prompt_tokens", f"must be -1 or >= 1, got {truncate_prompt_tokens}")
+            ids = ids[-truncate_prompt_tokens:]
         return self.core.inputs.make_request(ids, params or SamplingParams(), request_id, priority, tenant)
 
     async def generate(

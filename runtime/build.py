@@ -31,7 +31,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
         eos.add(tokenizer.eos_token_id)
     model = ModelInfo(source.name, vocab, mcfg.max_position_embeddings, tuple(sorted(eos)))
     max_len = resolve_max_model_len(config, model)  # a bad config fails before any weights load
-    worker = Worker(config, source, max_len, vocab)
+    worker = Worker(config, source, max_len, vocab, model.eos_token_ids)
     executor = make_executor(worker)
     try:
         core = EngineCore(config, executor, model, tokenizer)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from conveyor.runtime.engine_args import add_engine_args, engine_config, parse_bytes
 from conveyor.runtime.logging import configure_logging
+
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
@@ -80,9 +82,15 @@ async def _serve(args: argparse.Namespace) -> int:
     from conveyor.runtime.server.app import ServerSettings
     from conveyor.runtime.server.serve import serve
 
+    chat_template = None
+    if args.chat_template is not None:  # a file, or the template itself (as vLLM takes it)
+        path = Path(args.chat_template)
+        chat_template = path.read_text() if path.is_file() else args.chat_template
     settings = ServerSettings(
         host=args.host, port=args.port, max_waiting_requests=args.max_waiting_requests,
         max_request_body=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
+        ignore_unknown_fields=args.ignore_unknown_fields, chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
     )
     return await serve(engine_config(args), settings)
 
@@ -98,6 +106,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish on SIGINT/SIGTERM before they are aborted "
                        "(default: 30)")
+    group.add_argument("--ignore-unknown-fields", action="store_true",
+                       help="accept request fields this server does not know, logging them (vLLM's behaviour); "
+                       "default: 400 naming them (OpenAI's)")
+    group.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template (file path or the template text) instead of the model's")
+    group.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
+                       help="how tool calls are read from the output: hermes (<tool_call>JSON</tool_call>, "
+                       "Qwen/Hermes and SmolLM2; default)")
     # Also accepted after the subcommand; SUPPRESS keeps `conveyor --log-level X serve` working.
     group.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
 

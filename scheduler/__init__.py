@@ -2,7 +2,7 @@
 
 from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
 from conveyor.scheduler.errors import InvalidRequestError
-from conveyor.scheduler.params import SamplingParams
+from conveyor.scheduler.params import SamplingParams, StructuredSpec
 from conveyor.scheduler.policies import FCFSPolicy, SchedulingPolicy, make_policy
 from conveyor.scheduler.request import FinishReason, Request, RequestStatus
 from conveyor.scheduler.scheduler import Scheduler, SchedulerLimits
@@ -18,6 +18,7 @@ __all__ = [
     "ScheduledBatch",
     "ScheduledSeq",
     "Scheduler",
+    "StructuredSpec",
     "SchedulerLimits",
     "SchedulingPolicy",
     "make_policy",

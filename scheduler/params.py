@@ -8,6 +8,21 @@ from conveyor.scheduler.errors import InvalidRequestError
 
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request: OpenAI's limit
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+class StructuredSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on the output: compiled once per distinct spec (runtime/engine/grammar.py) into a grammar.
+
+    ``value``: the JSON schema as JSON text, a regex, an EBNF grammar, the choices as a JSON list,
+    an xgrammar structural tag as JSON text (free text with constrained tool calls); unused for
+    json_object. ``field`` is the wire field it came from, for the 400 a bad one gets.
+    """
+
+    kind: str
+    value: str = ""
+    field: str = "response_format"
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -26,6 +41,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and the top k
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -51,10 +70,35 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "token ids must be >= 0")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for tid, bias in self.logit_bias.items():
+            if tid < 0:
+                raise InvalidRequestError("logit_bias", f"token id {tid} must be >= 0")
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
+        if self.min_tokens < 0:
+            raise InvalidRequestError("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.structured is not None:
+            if self.structured.kind not in STRUCTURED_KINDS:
+                raise InvalidRequestError(self.structured.field, f"unknown constraint kind {self.structured.kind!r}")
+            # A grammar ends by allowing only EOS; masking EOS as well would leave no token to sample.
+            if self.min_tokens:
+                raise InvalidRequestError("min_tokens", f"cannot be combined with {self.structured.field}")
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos", f"cannot be combined with {self.structured.field}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def has_penalties(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from conveyor.scheduler.params import SamplingParams
 
@@ -52,6 +53,18 @@ class Request:
     admit_time: float | None = None  # first admission (the end of its queueing), on the scheduler's clock
     first_token_time: float | None = None
     finish_time: float | None = None
+    # The structured-output matcher (runtime/engine/grammar.py), advanced by the output stage with each
+    # token it keeps; None for unconstrained requests.
+    grammar: Any = None
+    # prompt_logprobs: entry p is prompt token p's logprob given the tokens before it (0 stays None);
+    # filled by position as batches are read back, so a recompute never records a position twice.
+    prompt_logprobs: list[Any] | None = None
+    num_prompt_logprobs: int = 0  # entries filled
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions whose logprobs are still missing: the prefix cache must not skip them."""
+        return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens - 1
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_token_ids)

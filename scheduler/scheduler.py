@@ -171,12 +171,15 @@ class Scheduler:
 
     def _match(self, req: Request) -> PrefixMatch | None:
         # A swapped-out request brings its own KV back; it reads nothing from the cache.
-        return None if req.swapped else self.kv.match_prefix(req.known_token_ids())
+        # A request still owed prompt logprobs computes its whole prompt: cached pages have no logits.
+        if req.swapped or req.needs_prompt_logprobs:
+            return None
+        return self.kv.match_prefix(req.known_token_ids())
 
     def _head_page(self, req: Request) -> tuple[int, ...] | None:
         """The first page of ``req``'s tokens, if the prefix cache could serve it."""
         ps = self.kv.page_size
-        if self.kv.prefix_cache is None or req.swapped or req.num_tokens <= ps:
+        if self.kv.prefix_cache is None or req.swapped or req.num_tokens <= ps or req.needs_prompt_logprobs:
             return None
         tokens = req.prompt_token_ids if req.num_prompt_tokens >= ps else req.known_token_ids()
         return tuple(tokens[:ps])

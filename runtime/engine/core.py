@@ -122,8 +122,11 @@ class EngineCore:
         self.stalled = False
         self._device = DeviceTime()
         self._debug_checks = os.environ.get("CONVEYOR_DEBUG_CHECKS") == "1"  # integrity after every step
+        self.eos_token_ids = model.eos_token_ids
         self.outputs = OutputProcessor(self.scheduler, tokenizer, model.eos_token_ids, clock=clock)
-        self.inputs = InputProcessor(tokenizer, max_len, model.vocab_size)
+        self.inputs = InputProcessor(tokenizer, max_len, model.vocab_size, model.eos_token_ids)
+        self.grammar_mask_s = 0.0  # host time filling structured-output masks, since start
+        self.grammar_mask_batches = 0
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
 
     # -- requests -------------------------------------------------------------------------
@@ -179,21 +182,39 @@ class EngineCore:
         t2 = clock()
         launched = self.executor.launch(prepared)
         self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+        self._fill_grammar_masks()  # if nothing was in flight before it, its matchers are current
         return True
 
     def _finish_oldest(self) -> list[RequestOutput]:
+        self._fill_grammar_masks()  # a no-op unless a failed step skipped it: never wait on an unfilled mask
         done = self._in_flight.popleft()
         t3 = time.perf_counter()
         result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
         t4 = time.perf_counter()
+        if result.prompt_logprobs is not None:  # before the samples: a first output carries them
+            self.outputs.record_prompt_logprobs(done.batch, result.prompt_logprobs)
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
+        self._fill_grammar_masks()
         idle = self._device.add(result.device_start, result.device_end, counts_idle=done.busy)
         if self.step_records is not None:
             self._record(done, result, (t3, t4), idle)
         if self._debug_checks:
             self.check_integrity()
         return outputs
+
+    def _fill_grammar_masks(self) -> None:
+        """The one place that releases a structured-output batch's sampling.
+
+        A batch with grammar rows launches its forward at once (it needs no token values), but its
+        mask needs every earlier token of its requests, so it is filled when the batch becomes the
+        oldest in flight: right after the batch before it was read back and its tokens advanced the
+        matchers (the sampler, waiting on it, then runs while the engine schedules the next
+        batch), or at launch if nothing was in flight. Batches without grammar rows never wait.
+        """
+        if self._in_flight and (seconds := self.executor.fill_grammar_mask(self._in_flight[0].launched)) is not None:
+            self.grammar_mask_s += seconds
+            self.grammar_mask_batches += 1
 
     def _record(self, done: _InFlight, result: BatchResult, wait: tuple[float, float], idle: float) -> None:
         assert self.step_records is not None
@@ -205,6 +226,7 @@ class EngineCore:
 
     def close(self) -> None:
         while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
+            self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
             self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
         if self._predictor_path is not None:

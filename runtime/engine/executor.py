@@ -23,11 +23,23 @@ class KVLayout(NamedTuple):
     page_bytes: int  # one page across all layers, K and V: what a swapped-out page costs in host memory
 
 
+class PromptLogprobRows(NamedTuple):
+    """Scored prompt positions of one batch: ``spans`` is (seq index, first position, count) per chunk,
+    the lists hold one row per scored position, in span order."""
+
+    spans: list[tuple[int, int, int]]
+    logprob: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top_values: list[list[float]]
+
+
 class BatchResult(NamedTuple):
     token_ids: list[int]  # one sampled id per sampling sequence, in batch order
     logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None  # sampled, top ids, top values
     device_start: float  # host-clock seconds when the device started the batch
     device_end: float  # ... and finished it
+    prompt_logprobs: PromptLogprobRows | None = None  # requests that asked for prompt_logprobs or echo
 
 
 class Executor(Protocol):
@@ -46,6 +58,12 @@ class Executor(Protocol):
         ...
 
     def wait(self, launched: Any) -> BatchResult: ...
+
+    def fill_grammar_mask(self, launched: Any) -> float | None:
+        """Fill a launched batch's structured-output mask from its requests' matchers (which must be
+        current: every earlier batch of theirs processed) and release its sampling; the host seconds
+        it took, or None if the batch has no mask to fill."""
+        ...
 
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
         """Run KV swap-outs now; called only when nothing is in flight."""

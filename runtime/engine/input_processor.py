@@ -5,25 +5,42 @@ Runs in the caller's thread (the API's event loop), never on the engine's launch
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any, Sequence
 
+from conveyor.runtime.engine.grammar import GrammarCompiler
 from conveyor.scheduler import InvalidRequestError, Request, SamplingParams
 
 Prompt = str | Sequence[int]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
-    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+    @property
+    def grammars(self) -> GrammarCompiler:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self._require_tokenizer("response_format"), self.vocab_size,
+                                                 self.eos_token_ids)
+            return self._grammars
+
+    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None,
+                  chat_options: dict[str, Any] | None = None) -> list[int]:
+        """``chat_options``: apply_chat_template's keywords (chat_template, tools, add_generation_prompt,
+        continue_final_message, template variables such as enable_thinking)."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
         if messages is not None:
-            return self._chat_ids(messages)
+            return self._chat_ids(messages, chat_options or {})
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt is empty")
@@ -39,7 +56,7 @@ class InputProcessor:
             raise InvalidRequestError("prompt", "prompt is empty")
         return ids
 
-    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
         tok = self._require_tokenizer("messages")
         if not messages:
             raise InvalidRequestError("messages", "messages is empty")
@@ -47,7 +64,7 @@ class InputProcessor:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"messages[{i}]", "each message needs a role and a content")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **options})
         except Exception as e:  # the template itself rejects the conversation (jinja raise_exception)
             raise InvalidRequestError("messages", f"chat template rejected the messages: {e}") from None
         # The template already wrote the special tokens; encoding must not add a second BOS.
@@ -80,7 +97,11 @@ class InputProcessor:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
-        return Request(
+        bad = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= self.vocab_size]
+        if bad:
+            field = "logit_bias" if bad[0] in params.logit_bias else "stop_token_ids"
+            raise InvalidRequestError(field, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        req = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,
             params=params,
@@ -88,3 +109,8 @@ class InputProcessor:
             priority=priority,
             tenant=tenant,
         )
+        if params.structured is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(params.structured.field, "structured outputs need a tokenizer")
+            req.grammar = self.grammars.matcher(params.structured)  # compiled once per spec, cached
+        return req

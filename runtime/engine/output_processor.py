@@ -6,8 +6,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from conveyor.runtime.engine.detokenizer import IncrementalDetokenizer
-from conveyor.runtime.engine.outputs import RequestOutput, SampleLogprobs
+from conveyor.runtime.engine.executor import PromptLogprobRows
+from conveyor.runtime.engine.outputs import (
+    PromptLogprob,
+    RequestOutput,
+    SampleLogprobs,
+    TokenLogprob,
+)
 from conveyor.scheduler import FinishReason, Request, ScheduledBatch, Scheduler
 
 
@@ -41,15 +48,42 @@ class OutputProcessor:
             outputs.append(self._append(req, token, now, lp))
         return outputs
 
+    def record_prompt_logprobs(self, batch: ScheduledBatch, rows: PromptLogprobRows) -> None:
+        """File each scored prompt position under its request; a position already filled (a recompute
+        after preemption scores it again) keeps its first value, which is the same."""
+        _, target, rank, top_ids, top_values = rows
+        row = 0
+        for seq_index, first, count in rows.spans:
+            req = batch.seqs[seq_index].request
+            if req.is_finished:
+                row += count
+                continue
+            k = req.params.prompt_logprobs or 0
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None] * req.num_prompt_tokens
+            for pos in range(first, first + count):
+                if req.prompt_logprobs[pos] is None:
+                    req.prompt_logprobs[pos] = PromptLogprob(
+                        token_id=req.prompt_token_ids[pos], logprob=target[row], rank=rank[row],
+                        top=[TokenLogprob(i, v) for i, v in zip(top_ids[row][:k], top_values[row][:k])])
+                    req.num_prompt_logprobs += 1
+                row += 1
+
     def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:
         req.output_token_ids.append(token)
+        # Only kept tokens advance a matcher (zombie samples never get here). A rejected token means
+        # the mask and the matcher disagree: stop the request rather than emit invalid output.
+        rejected = req.grammar is not None and not req.grammar.accept_token(token)
         if req.first_token_time is None:
             req.first_token_time = now
         params = req.params
         detok = self._detok.get(req.request_id)
         reason: FinishReason | None = None
         stop_reason: str | int | None = None
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        error: str | None = None
+        if rejected:
+            reason, error = FinishReason.ERROR, f"token {token} violates the request's grammar"
+        elif token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             reason, stop_reason = FinishReason.STOP, token
         elif detok is not None and (stop := detok.add(token)) is not None:
             reason, stop_reason = FinishReason.STOP, stop
@@ -58,7 +92,12 @@ class OutputProcessor:
         text = detok.take_new_text(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self.finish(req, reason, stop_reason, now)
-        return self._output(req, text, [token], reason, stop_reason, logprobs=[lp] if lp is not None else None)
+        out = self._output(req, text, [token], reason, stop_reason, error, logprobs=[lp] if lp is not None else None)
+        if len(req.output_token_ids) == 1 and req.params.prompt_logprobs is not None:
+            # The whole prompt has been computed by the time its first token is sampled.
+            prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else [None] * req.num_prompt_tokens
+            out = msgspec.structs.replace(out, prompt_logprobs=prompt_lp)
+        return out
 
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None,
                now: float | None = None) -> None:

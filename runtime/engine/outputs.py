@@ -19,6 +19,15 @@ class SampleLogprobs(msgspec.Struct, frozen=True):
     top: list[TokenLogprob]  # the k most likely tokens, most likely first
 
 
+class PromptLogprob(msgspec.Struct, frozen=True):
+    """A prompt token's raw logprob given the tokens before it, its rank, and the top k there."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[TokenLogprob]
+
+
 class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     text: str  # new text since the previous output
@@ -34,6 +43,8 @@ class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
     finish_time: float | None = None
     error: str | None = None
     logprobs: list[SampleLogprobs] | None = None  # one per new token when the request asked for them
+    # prompt_logprobs: on the first output only; one per prompt token, the first None
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,14 +15,19 @@ from typing import TypeVar
 import msgspec
 import structlog
 from aiohttp import web
-
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
+from conveyor.runtime.server.fields import check_unknown_fields, compile_off_loop
 from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
 from conveyor.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from conveyor.runtime.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
 )
 from conveyor.runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
 from conveyor.runtime.server.streams import InFlight, run_choices, watch_engine
@@ -46,6 +51,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_body: int = 4 << 20  # bytes; a 128k-token prompt as JSON ids is under 1 MiB
     shutdown_timeout: float = 30.0  # seconds running requests get to finish before they are aborted
     retry_after_s: int = 1
+    ignore_unknown_fields: bool = False  # True: accept unknown request fields and log them (vLLM); else 400
+    chat_template: str | None = None  # --chat-template: a Jinja template (text) replacing the model's
+    tool_call_parser: str = "hermes"  # --tool-call-parser: how tool calls are read from the output
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -116,13 +124,17 @@ async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
 # -- routes ---------------------------------------------------------------------------------
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = completion_plan(state.engine, await _read_body(request, CompletionRequest))
+    body = await _read_body(request, CompletionRequest)
+    await compile_off_loop(state.engine, body)
+    plan = completion_plan(state.engine, body, state.settings)
     return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    plan = chat_plan(state.engine, await _read_body(request, ChatCompletionRequest))
+    body = await _read_body(request, ChatCompletionRequest)
+    await compile_off_loop(state.engine, body)
+    plan = chat_plan(state.engine, body, state.settings)
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
@@ -156,7 +168,9 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
         raise too_large from None
     try:
-        return msgspec.json.decode(raw, type=kind)
+        obj = msgspec.json.decode(raw)
+        check_unknown_fields(obj, kind, request.app[STATE].settings.ignore_unknown_fields, request.path)
+        return msgspec.convert(obj, type=kind)
     except msgspec.ValidationError as e:
         raise from_validation_error(e) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:

@@ -2,12 +2,14 @@
 
 Request fields are all optional with ``None`` defaults so that an explicit JSON ``null`` means
 "use the default", as OpenAI's API treats it; defaults are applied in ``inputs.py``. Unknown
-fields are ignored (msgspec's default), wrong types fail decoding with the JSON path named.
+field names are a 400 (``fields.py``; ``--ignore-unknown-fields`` logs them instead), wrong types
+fail decoding with the JSON path named. Every declared field is honoured or refused with a 400:
+the README's field table says which.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -15,6 +17,29 @@ import msgspec
 # -- requests -------------------------------------------------------------------------------
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None  # the schema is always enforced exactly
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(msgspec.Struct, kw_only=True):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class GenerationFields(msgspec.Struct, kw_only=True):
@@ -40,6 +65,19 @@ class GenerationFields(msgspec.Struct, kw_only=True):
     user: str | None = None  # the tenant, for fair-share scheduling
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for structured_outputs.*
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: up to the context)
+    best_of: int | None = None  # refused unless 1 (vLLM V1 removed it)
+    prompt_logprobs: int | None = None  # vLLM: each prompt token's logprob, rank and the top k
 
 
 # msgspec allows one array-like type per union, so "list of strings | token ids | lists of token
@@ -50,17 +88,57 @@ PromptField = str | list[str | int | list[int]]
 class CompletionRequest(GenerationFields, kw_only=True):
     prompt: PromptField | None = None
     logprobs: int | None = None  # completions: how many top alternatives per token
+    echo: bool | None = None
+    suffix: str | None = None  # refused: no fill-in-the-middle
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
+    # Named so that they are refused by type ("only text parts"), not as unknown fields.
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: str
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    type: str
+    function: NamedFunction
 
 
 class ChatCompletionRequest(GenerationFields, kw_only=True):
@@ -68,6 +146,13 @@ class ChatCompletionRequest(GenerationFields, kw_only=True):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins if both
     logprobs: bool | None = None  # chat: on/off; how many alternatives is top_logprobs
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    chat_template: str | None = None  # a Jinja template for this request
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (enable_thinking, ...)
+    add_generation_prompt: bool | None = None  # default true
+    continue_final_message: bool | None = None  # extend the last (assistant) message instead
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -84,9 +169,20 @@ class Usage(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
     tokens: list[str] = msgspec.field(default_factory=list)
-    token_logprobs: list[float] = msgspec.field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = msgspec.field(default_factory=list)
+    token_logprobs: list[float | None] = msgspec.field(default_factory=list)  # echo: the first prompt token's is None
+    top_logprobs: list[dict[str, float] | None] = msgspec.field(default_factory=list)
     text_offset: list[int] = msgspec.field(default_factory=list)
+
+
+class PromptLogprobEntry(msgspec.Struct, kw_only=True):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: one per prompt token (the first None), keyed by token id (as a string):
+# the prompt token itself and the top k at that position.
+PromptLogprobs = list[dict[str, PromptLogprobEntry] | None]
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -95,6 +191,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's extension: the stop string or token id that hit
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):
@@ -137,7 +234,8 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -146,6 +244,7 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionResponse(msgspec.Struct, kw_only=True):
@@ -157,11 +256,24 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
 
 
+class DeltaFunction(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunction | None = None
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A delta names only what changed: ``{"role": ...}`` first, then ``{"content": ...}``."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
@@ -170,6 +282,7 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):

@@ -11,14 +11,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-
-from conveyor.runtime.engine.outputs import RequestOutput, SampleLogprobs
+from conveyor.runtime.engine.outputs import PromptLogprob, RequestOutput, SampleLogprobs
 from conveyor.runtime.server.inputs import Plan
 from conveyor.runtime.server.protocol import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    ChatLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
-    TokenLogprobEntry, TopLogprob, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaFunction,
+    DeltaToolCall,
+    PromptLogprobEntry,
+    PromptLogprobs,
+    PromptTokensDetails,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
 )
+from conveyor.runtime.server.tools import parse_output, safe_content_prefix
 
 
 @dataclass
@@ -32,6 +48,10 @@ class ChoiceState:
     error: str | None = None
     completion_logprobs: CompletionLogprobs | None = None
     chat_logprobs: list[TokenLogprobEntry] | None = None
+    sent_chars: int = 0  # tools, streaming: content already sent
+    held_logprobs: list[TokenLogprobEntry] | None = None  # tools, streaming: logprobs of held-back text
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def sse(body: msgspec.Struct | bytes) -> bytes:
@@ -71,7 +91,26 @@ class Renderer:
         state.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             state.finish_reason, state.stop_reason, state.error = out.finish_reason, out.stop_reason, out.error
+        if out.prompt_logprobs is not None and self.plan.prompt_logprobs:
+            state.prompt_logprobs = [self._prompt_entry(e) for e in out.prompt_logprobs]
         return state
+
+    def _prompt_entry(self, e: PromptLogprob | None) -> dict[str, PromptLogprobEntry] | None:
+        if e is None:
+            return None
+        entry = {str(e.token_id): PromptLogprobEntry(logprob=e.logprob, rank=e.rank,
+                                                     decoded_token=self.token_text(e.token_id))}
+        for r, t in enumerate(e.top, 1):
+            entry.setdefault(str(t.token_id), PromptLogprobEntry(logprob=t.logprob, rank=r,
+                                                                 decoded_token=self.token_text(t.token_id)))
+        return entry
+
+    def take_prompt_logprobs(self, state: ChoiceState) -> PromptLogprobs | None:
+        """Streaming: the prompt logprobs go out once, on the choice's first chunk that is sent."""
+        if state.prompt_logprobs is None or state.prompt_logprobs_sent:
+            return None
+        state.prompt_logprobs_sent = True
+        return state.prompt_logprobs
 
     def has_news(self, out: RequestOutput) -> bool:
         """A delta worth a chunk: the detokenizer may hold text back (partial UTF-8, a possible stop)."""
@@ -102,9 +141,12 @@ class Renderer:
 
 class CompletionRenderer(Renderer):
     def add(self, i: int, out: RequestOutput) -> tuple[ChoiceState, CompletionLogprobs | None]:
-        offset = self.choices[i].num_chars
+        echo = self.plan.echo[i] if self.plan.echo is not None else ""
+        offset = self.choices[i].num_chars + len(echo)  # offsets count the echoed prompt too
         state = self.update(i, out)
         lp = self._logprobs(out.logprobs, offset) if self.plan.logprobs and out.logprobs else None
+        if lp is not None and self.plan.echo is not None and out.prompt_logprobs is not None:
+            lp = self._echo_logprobs(self.plan.requests[i].prompt_token_ids, out.prompt_logprobs, lp)
         if lp is not None:
             acc = state.completion_logprobs = state.completion_logprobs or CompletionLogprobs()
             acc.tokens += lp.tokens
@@ -118,20 +160,47 @@ class CompletionRenderer(Renderer):
         if not self.has_news(out):
             return None
         choice = CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=state.finish_reason,
-                                  stop_reason=state.stop_reason)
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+                                  stop_reason=state.stop_reason, prompt_logprobs=self.take_prompt_logprobs(state))
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                               usage=self.usage() if self.plan.continuous_usage else None)
+
+    def opening(self) -> list[CompletionChunk]:
+        if self.plan.echo is None:
+            return []
+        return [CompletionChunk(id=self.id, created=self.created, model=self.model,
+                                choices=[CompletionChoice(index=i, text=text)])
+                for i, text in enumerate(self.plan.echo)]
 
     def usage_chunk(self) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage())
 
     def response(self) -> CompletionResponse:
         choices = [
-            CompletionChoice(index=i, text="".join(c.text), logprobs=c.completion_logprobs,
-                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            CompletionChoice(index=i, text=(self.plan.echo[i] if self.plan.echo else "") + "".join(c.text),
+                             logprobs=c.completion_logprobs,
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=c.prompt_logprobs)
             for i, c in enumerate(self.choices)
         ]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage())
+
+    def _echo_logprobs(self, ids: list[int], prompt: list[PromptLogprob | None],
+                       output: CompletionLogprobs) -> CompletionLogprobs:
+        """The prompt's tokens first (the first has no logprob), then the output's: OpenAI's echo."""
+        lp = CompletionLogprobs()
+        offset = 0
+        for e, tid in zip(prompt, ids):
+            token = self.token_text(tid)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(e.logprob if e is not None else None)
+            lp.top_logprobs.append({self.token_text(t.token_id): t.logprob for t in e.top} if e is not None else None)
+            lp.text_offset.append(offset)
+            offset += len(token)
+        lp.tokens += output.tokens
+        lp.token_logprobs += output.token_logprobs
+        lp.top_logprobs += output.top_logprobs
+        lp.text_offset += output.text_offset
+        return lp
 
     def _logprobs(self, samples: list[SampleLogprobs], offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()
@@ -164,28 +233,75 @@ class ChatRenderer(Renderer):
 
     def chunk(self, i: int, out: RequestOutput) -> ChatCompletionChunk | None:
         state, entries = self.add(i, out)
+        if self.plan.tools is not None:
+            return self._tool_chunk(i, state, out, entries)
         if not self.has_news(out):
             return None
         choice = ChatChunkChoice(
             index=i, delta=ChatDelta(content=out.text or None),
             logprobs=ChatLogprobs(content=entries) if entries is not None else None,
             finish_reason=state.finish_reason, stop_reason=state.stop_reason,
+            prompt_logprobs=self.take_prompt_logprobs(state),
         )
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return self._chunk(choice)
+
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                   usage=self.usage() if self.plan.continuous_usage else None)
+
+    def _tool_chunk(self, i: int, state: ChoiceState, out: RequestOutput,
+                    entries: list[TokenLogprobEntry] | None) -> ChatCompletionChunk | None:
+        """Content streams until a tool call may have begun; calls go out whole, once parsed at the end
+        (OpenAI's deltas: index, id, type and name, then arguments; here in one delta per call)."""
+        tools = self.plan.tools
+        assert tools is not None
+        if entries:
+            state.held_logprobs = (state.held_logprobs or []) + entries
+        text = "".join(state.text)
+        delta: ChatDelta | None = None
+        finish = state.finish_reason
+        if out.finished and finish != "error":
+            content, calls = parse_output(tools, text)
+            if calls:
+                delta = ChatDelta(tool_calls=[
+                    DeltaToolCall(index=k, id=c.id, type="function",
+                                  function=DeltaFunction(name=c.function.name, arguments=c.function.arguments))
+                    for k, c in enumerate(calls)])
+                finish = "tool_calls" if finish == "stop" else finish
+            elif text[state.sent_chars:]:
+                delta = ChatDelta(content=text[state.sent_chars:])
+        elif tools.choice == "auto":
+            upto = safe_content_prefix(text)
+            if upto > state.sent_chars:
+                delta = ChatDelta(content=text[state.sent_chars:upto])
+                state.sent_chars = upto
+        if delta is None and not out.finished:
+            return None
+        lp, state.held_logprobs = state.held_logprobs, None
+        return self._chunk(ChatChunkChoice(
+            index=i, delta=delta or ChatDelta(), logprobs=ChatLogprobs(content=lp) if lp is not None else None,
+            finish_reason=finish, stop_reason=state.stop_reason, prompt_logprobs=self.take_prompt_logprobs(state),
+        ))
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                    usage=self.usage())
 
     def response(self) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=i, message=AssistantMessage(content="".join(c.text)),
+        choices = []
+        for i, c in enumerate(self.choices):
+            text = "".join(c.text)
+            message, finish = AssistantMessage(content=text), c.finish_reason
+            if self.plan.tools is not None and finish != "error":
+                content, calls = parse_output(self.plan.tools, text)
+                if calls:
+                    message = AssistantMessage(content=content, tool_calls=calls)
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(ChatChoice(
+                index=i, message=message,
                 logprobs=ChatLogprobs(content=c.chat_logprobs) if c.chat_logprobs is not None else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            )
-            for i, c in enumerate(self.choices)
-        ]
+                finish_reason=finish, stop_reason=c.stop_reason, prompt_logprobs=c.prompt_logprobs,
+            ))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage())
 

@@ -2,6 +2,11 @@
 
 Both keep the contract of ``runtime.engine.executor.Executor``: ``launch`` returns at once with the
 batch in flight, ``wait`` blocks until its sampled ids are on the host, batches run in launch order.
+
+A batch with grammar-constrained rows (``prepared.grammar``) samples only once the engine has
+filled its mask; its forward does not wait. On CPU the worker waits for the mask between forward
+and sampling; on CUDA the sampling is enqueued when ``mask_ready`` is called, and any batch
+launched meanwhile is held back so stream order stays launch order.
 """
 
 from __future__ import annotations
@@ -9,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
-
 from conveyor.memory import SwapOp
 from conveyor.model.sampling import Logprobs, SamplerOutput
-from conveyor.runtime.engine.executor import BatchResult
+from conveyor.runtime.engine.executor import BatchResult, PromptLogprobRows
 from conveyor.runtime.worker.model_runner import PreparedBatch
 from conveyor.runtime.worker.worker import Worker
 from conveyor.scheduler import ScheduledBatch
@@ -25,6 +30,13 @@ from conveyor.scheduler import ScheduledBatch
 class Launched(NamedTuple):
     prepared: PreparedBatch  # keeps every tensor the in-flight batch reads alive
     handle: Any  # executor-specific
+
+
+def _host_prompt_logprobs(prepared: PreparedBatch) -> PromptLogprobRows | None:
+    plp = prepared.prompt_lp
+    if plp is None or plp.result is None:
+        return None
+    return PromptLogprobRows(plp.spans, *(t.tolist() for t in plp.result))
 
 
 def _host_logprobs(lp: Logprobs | None) -> tuple[list[float], list[list[int]], list[list[float]]] | None:
@@ -48,6 +60,17 @@ class _WorkerExecutor:
         assert self.runner.swapper is not None, "a swap was scheduled without a swapper"
         self.runner.swapper.run(ops)
 
+    def fill_grammar_mask(self, launched: Launched) -> float | None:
+        grammar = launched.prepared.grammar
+        if grammar is None or grammar.filled:
+            return None
+        grammar.fill()
+        self._mask_ready()
+        return grammar.fill_s
+
+    def _mask_ready(self) -> None:
+        pass  # the CPU worker waits on the mask's event itself
+
 
 class CpuExecutor(_WorkerExecutor):
     """One worker thread runs the forward (torch releases the GIL in its kernels), so the engine
@@ -62,9 +85,13 @@ class CpuExecutor(_WorkerExecutor):
 
     def _run(self, prepared: PreparedBatch) -> BatchResult:
         start = time.perf_counter()
-        out: SamplerOutput = self.runner.execute(prepared)
+        logits = self.runner.forward(prepared)
+        if prepared.grammar is not None:
+            prepared.grammar.wait()  # the engine thread fills it once the previous batch is processed
+        out: SamplerOutput = self.runner.sample(prepared, logits)
         ids = out.token_ids.tolist()
-        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter())
+        return BatchResult(ids, _host_logprobs(out.logprobs), start, time.perf_counter(),
+                           _host_prompt_logprobs(prepared))
 
     def wait(self, launched: Launched) -> BatchResult:
         future: Future[BatchResult] = launched.handle
@@ -74,11 +101,16 @@ class CpuExecutor(_WorkerExecutor):
         self._worker.shutdown(wait=True)
 
 
-class _CudaHandle(NamedTuple):
-    out: SamplerOutput
-    host_ids: torch.Tensor  # pinned; filled by the D2H copy
-    start: torch.cuda.Event
-    end: torch.cuda.Event
+class _CudaHandle:
+    """Filled in two halves when sampling is deferred: forward (start, logits), then the rest."""
+
+    def __init__(self, prepared: PreparedBatch) -> None:
+        self.prepared = prepared
+        self.start: torch.cuda.Event | None = None
+        self.logits: torch.Tensor | None = None
+        self.out: SamplerOutput | None = None
+        self.host_ids: torch.Tensor | None = None  # pinned; filled by the D2H copy
+        self.end: torch.cuda.Event | None = None
 
 
 class _SyncDebug:
@@ -105,6 +137,7 @@ class CudaExecutor(_WorkerExecutor):
         # launched depth + 1 batches later, by which time batch i has been waited for.
         self._host_ids = [torch.empty(max_batch, dtype=torch.int64, pin_memory=True) for _ in range(depth + 1)]
         self._next = 0
+        self._pending: deque[_CudaHandle] = deque()  # launched, sampling not enqueued yet
         # Anchor device time to host time once, so device intervals can be drawn on the host clock.
         self._anchor = torch.cuda.Event(enable_timing=True)
         self._anchor.record()
@@ -120,22 +153,55 @@ class CudaExecutor(_WorkerExecutor):
             return self._launch(prepared)
 
     def _launch(self, prepared: PreparedBatch) -> Launched:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = self.runner.execute(prepared)
-        n = out.token_ids.shape[0]
-        host = self._host_ids[self._next][:n]
-        self._next = (self._next + 1) % len(self._host_ids)
-        host.copy_(out.token_ids, non_blocking=True)
-        end.record()
-        return Launched(prepared, _CudaHandle(out, host, start, end))
+        h = _CudaHandle(prepared)
+        if not self._pending:
+            self._forward(h)
+        self._pending.append(h)
+        self._pump()
+        return Launched(prepared, h)
+
+    def _forward(self, h: _CudaHandle) -> None:
+        h.start = torch.cuda.Event(enable_timing=True)
+        h.start.record()
+        h.logits = self.runner.forward(h.prepared)
+
+    def _pump(self) -> None:
+        """Enqueue held batches in launch order, up to the first whose mask is not filled yet.
+
+        That batch's forward is already enqueued (it needs no mask); batches after it are not,
+        since they read token-pool entries its sampling writes.
+        """
+        while self._pending:
+            h = self._pending[0]
+            if h.start is None:
+                self._forward(h)
+            if h.prepared.grammar is not None and not h.prepared.grammar.filled:
+                return
+            self._pending.popleft()
+            h.out = self.runner.sample(h.prepared, h.logits)
+            h.logits = None
+            n = h.out.token_ids.shape[0]
+            h.host_ids = self._host_ids[self._next][:n]
+            self._next = (self._next + 1) % len(self._host_ids)
+            h.host_ids.copy_(h.out.token_ids, non_blocking=True)
+            h.end = torch.cuda.Event(enable_timing=True)
+            h.end.record()
+
+    def _mask_ready(self) -> None:
+        with self._debug():  # the held sampling kernels go on the stream now: launch-path work
+            self._pump()
 
     def wait(self, launched: Launched) -> BatchResult:
         h: _CudaHandle = launched.handle
+        self._pump()
+        if h.end is None:
+            raise RuntimeError("waited for a grammar batch whose mask was never filled")
+        assert h.out is not None and h.host_ids is not None and h.start is not None
         h.end.synchronize()
         t0 = self._anchor_host + self._anchor.elapsed_time(h.start) / 1000.0
         t1 = self._anchor_host + self._anchor.elapsed_time(h.end) / 1000.0
-        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1)
+        return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1,
+                           _host_prompt_logprobs(h.prepared))
 
     def close(self) -> None:
         pass

@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
 from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
 from conveyor.memory.device.kv_swapper import KVSwapper
 from conveyor.model.attention import AttentionBackend, AttentionMetadata
 from conveyor.model.decoder import DecoderModel
-from conveyor.model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
+from conveyor.model.sampling import (
+    Bias,
+    Penalties,
+    SamplerOutput,
+    SamplingBatch,
+    sample_with_logprobs,
+)
+from conveyor.runtime.worker.grammar_mask import GrammarBatch
 from conveyor.scheduler import ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
@@ -39,6 +45,24 @@ class PreparedBatch:
     sampling: SamplingBatch
     graph_batch_size: int | None  # replay the decode graph of this size, or run eagerly
     piece_size: int | None  # else run the piecewise graphs of this many (padded) tokens
+    grammar: GrammarBatch | None = None  # some sampling row is constrained: its mask is filled after launch
+    prompt_lp: PromptLogprobsBatch | None = None  # some chunk computes prompt logprobs
+
+
+class PromptLogprobsBatch:
+    """Which query tokens' logits score the next prompt token; the result is set by the forward.
+
+    ``spans``: (seq index in the batch, first scored prompt position, count). ``result`` holds device
+    tensors (target logprob, its rank, top ids, top values) until the executor reads them back.
+    """
+
+    def __init__(self, spans: list[tuple[int, int, int]], token_index: torch.Tensor, targets: torch.Tensor,
+                 k: int) -> None:
+        self.spans = spans
+        self.token_index = token_index
+        self.targets = targets
+        self.k = k
+        self.result: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
@@ -73,6 +97,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None  # prefill and mixed batches
         self.swapper: KVSwapper | None = None  # set with --preemption-mode swap
+        self.eos_token_ids: tuple[int, ...] = ()  # what min_tokens masks (with each request's stop ids)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         seqs = batch.seqs
@@ -81,8 +106,9 @@ class ModelRunner:
         lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=n)
         slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=n)
+        prompt_spans = _prompt_spans(seqs)
         graph_bs = None
-        if self.graphs is not None and batch.num_decodes == n:
+        if self.graphs is not None and batch.num_decodes == n and not prompt_spans:
             graph_bs = self.graphs.batch_size_for(n)
         if graph_bs is not None and graph_bs > n:
             # Padded rows decode one token at position 0 of the padding slot into reserved page 0.
@@ -148,14 +174,20 @@ class ModelRunner:
             logits_indices=staged["logits_indices"],
             sample_slots=staged["sample_slots"],
             sample_positions=staged["sample_positions"],
-            sampling=_sampling_batch([seqs[i] for i in sampling], self.device),
+            sampling=_sampling_batch([seqs[i] for i in sampling], self.device, self.eos_token_ids),
             graph_batch_size=graph_bs,
             piece_size=piece_size,
+            grammar=_grammar_batch([seqs[i] for i in sampling], self.model.output_vocab, self.device),
+            prompt_lp=_prompt_lp_batch(seqs, prompt_spans, qsl, self.device),
         )
 
-    @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> SamplerOutput:
         """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
+        return self.sample(prepared, self.forward(prepared))
+
+    @torch.inference_mode()
+    def forward(self, prepared: PreparedBatch) -> torch.Tensor | None:
+        """Launch the batch's forward; its logits [S, V] (None: nothing samples). Reads no mask."""
         if prepared.batch.swaps:
             assert self.swapper is not None, "a swap was scheduled without a swapper"
             self.swapper.run(prepared.batch.swaps)
@@ -175,10 +207,22 @@ class ModelRunner:
             else:
                 input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
                 hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+            if prepared.prompt_lp is not None:
+                _score_prompt(self.model, hidden, prepared.prompt_lp)
             if num_samples == 0:
-                return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+                return None
             logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        return logits
+
+    @torch.inference_mode()
+    def sample(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> SamplerOutput:
+        """Launch sampling and the token-pool write. A grammar batch's mask must be filled by now."""
+        if logits is None:
+            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
         sampling = prepared.sampling
+        if prepared.grammar is not None:
+            assert prepared.grammar.filled, "sampling a grammar batch before its mask was filled"
+            sampling = replace(sampling, token_bitmask=prepared.grammar.device_mask(self.device))
         if sampling.penalties is not None:
             # The history is read on the device, after this batch's own pool writes: the previous
             # batch's sampled ids are in it even if the host has not seen them yet.
@@ -189,7 +233,91 @@ class ModelRunner:
         return out
 
 
-def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingBatch:
+PROMPT_LOGITS_ROWS = 256
+
+
+def _prompt_spans(seqs: tuple[ScheduledSeq, ...]) -> list[tuple[int, int, int]]:
+    """Per chunk that covers prompt tokens of a request owed prompt logprobs: the prompt positions
+    (1..P-1) its query tokens score, as (seq index, first position, count)."""
+    spans = []
+    for i, s in enumerate(seqs):
+        req = s.request
+        if req.params.prompt_logprobs is None:
+            continue
+        last = min(s.start + s.num_tokens, req.num_prompt_tokens - 1)  # token p scores prompt token p + 1
+        if last > s.start:
+            spans.append((i, s.start + 1, last - s.start))
+    return spans
+
+
+def _prompt_lp_batch(seqs: tuple[ScheduledSeq, ...], spans: list[tuple[int, int, int]], qsl: np.ndarray,
+                     device: torch.device) -> PromptLogprobsBatch | None:
+    if not spans:
+        return None
+    index = np.concatenate([qsl[i] + np.arange(n) for i, _, n in spans])
+    targets = np.concatenate([np.asarray(seqs[i].request.prompt_token_ids[first:first + n]) for i, first, n in spans])
+    k = max(seqs[i].request.params.prompt_logprobs or 0 for i, _, _ in spans)
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a.astype(np.int64))
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+    return PromptLogprobsBatch(spans, dev(index), dev(targets), k)
+
+
+def _score_prompt(model: DecoderModel, hidden: torch.Tensor, plp: PromptLogprobsBatch) -> None:
+    """Raw log-softmax at the scored positions: the prompt token's logprob, rank and the top k."""
+    parts = []
+    for lo in range(0, plp.token_index.shape[0], PROMPT_LOGITS_ROWS):  # bounds the [rows, V] logits
+        index, targets = plp.token_index[lo:lo + PROMPT_LOGITS_ROWS], plp.targets[lo:lo + PROMPT_LOGITS_ROWS]
+        raw = torch.log_softmax(model.compute_logits(hidden[index]), dim=-1)
+        target = raw.gather(1, targets.unsqueeze(1)).squeeze(1)
+        rank = (raw > target.unsqueeze(1)).sum(dim=-1) + 1
+        top = raw.topk(plp.k, dim=-1) if plp.k > 0 else None
+        empty = raw[:, :0]
+        parts.append((target, rank, top.indices if top is not None else empty.long(),
+                      top.values if top is not None else empty))
+    target, rank, top_ids, top_values = (torch.cat(x) for x in zip(*parts))
+    plp.result = (target, rank, top_ids, top_values)
+
+
+def _grammar_batch(seqs: list[ScheduledSeq], vocab: int, device: torch.device) -> GrammarBatch | None:
+    if not any(s.request.grammar is not None for s in seqs):
+        return None
+    return GrammarBatch(seqs, vocab, pin=device.type == "cuda")
+
+
+def _bias(seqs: list[ScheduledSeq], device: torch.device, eos_token_ids: tuple[int, ...]) -> Bias | None:
+    """logit_bias entries, and -inf on EOS and stop ids for rows still short of min_tokens.
+
+    Whether a row is short is known from lengths (its sample index), never from token values.
+    """
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for row, s in enumerate(seqs):
+        p = s.request.params
+        for tid, v in p.logit_bias.items():
+            rows.append(row)
+            ids.append(tid)
+            values.append(v)
+        if s.sample_index < p.min_tokens:
+            for tid in (*eos_token_ids, *p.stop_token_ids):
+                rows.append(row)
+                ids.append(tid)
+                values.append(float("-inf"))
+    if not rows:
+        return None
+
+    def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+    return Bias(dev(rows, torch.int64), dev(ids, torch.int64), dev(values, torch.float32))
+
+
+def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device,
+                    eos_token_ids: tuple[int, ...] = ()) -> SamplingBatch:
     params = [s.request.params for s in seqs]
     penalties = None
     if any(p.has_penalties for p in params):
@@ -203,7 +331,8 @@ def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingB
             lengths=torch.tensor(lengths).to(device, non_blocking=True),
         )
     wanted = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingBatch.build(
+    bias = _bias(seqs, device, eos_token_ids) if any(p.has_bias for p in params) else None
+    batch = SamplingBatch.build(
         temperature=[p.temperature for p in params],
         top_k=[p.top_k for p in params],
         top_p=[p.top_p for p in params],
@@ -214,3 +343,4 @@ def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingB
         penalties=penalties,
         max_logprobs=max(wanted) if wanted else None,
     )
+    return replace(batch, bias=bias) if bias is not None else batch

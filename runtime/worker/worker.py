@@ -49,7 +49,8 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int, output_vocab: int) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int, output_vocab: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
@@ -75,6 +76,7 @@ class Worker:
             config.pipeline_depth + 1, self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device, config.seed)
+        self.runner.eos_token_ids = eos_token_ids  # what min_tokens masks
         if config.preemption_mode == "swap":
             self.runner.swapper = KVSwapper(self.kv_pool)
         if self.uses_graphs:

@@ -56,6 +56,9 @@ class SimulatedExecutor:
     def wait(self, launched: BatchResult) -> BatchResult:
         return launched
 
+    def fill_grammar_mask(self, launched: BatchResult) -> None:
+        return None  # simulated requests carry no grammar
+
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
         raise AssertionError("the simulator recomputes preempted requests; it never swaps")
 
