@@ -1,6 +1,8 @@
 """The input stage: prompt text, chat messages or token ids -> a validated Request.
 
-Runs in the caller's thread (the API's event loop), never on the engine's launch path.
+Runs in the caller's thread (the server runs it in a worker thread, off its event loop), never
+on the engine's launch path. Text longer than ``max_prompt_chars`` cannot fit in the context
+whatever it tokenizes to, so it is refused before the tokenizer spends seconds on it.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
+from runtime.stop_matcher import StopMatcher
 from scheduler import InvalidRequestError, Request, SamplingParams
 
 Prompt = str | Sequence[int]
@@ -18,6 +21,11 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        # No token spells more characters than the longest vocabulary entry (byte-level and
+        # sentencepiece entries are at least as long as their text), so this many characters
+        # are already more than max_model_len tokens.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_prompt_chars = max_model_len * max(longest, 1)
 
     def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -27,6 +35,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt is empty")
+            self._check_chars("prompt", len(prompt))
             ids = self._require_tokenizer("prompt").encode(prompt)
         else:
             ids = list(prompt)
@@ -46,12 +55,18 @@ class InputProcessor:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"messages[{i}]", "each message needs a role and a content")
+        self._check_chars("messages", sum(len(str(m["content"])) for m in messages))
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # the template itself rejects the conversation (jinja raise_exception)
             raise InvalidRequestError("messages", f"chat template rejected the messages: {e}") from None
         # The template already wrote the special tokens; encoding must not add a second BOS.
         return tok.encode(text, add_special_tokens=False)
+
+    def _check_chars(self, field: str, n: int) -> None:
+        if n > self.max_prompt_chars:
+            raise InvalidRequestError(field, f"{field} has {n} characters; at most {self.max_prompt_chars} can fit "
+                                      f"in the maximum context length of {self.max_model_len} tokens")
 
     def _require_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:
@@ -80,6 +95,11 @@ class InputProcessor:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
+        if params.top_k > self.vocab_size:
+            raise InvalidRequestError("top_k", f"must be at most the vocabulary size {self.vocab_size}, "
+                                      f"got {params.top_k}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids", f"token ids must be below the vocabulary size {self.vocab_size}")
         return Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,
@@ -87,4 +107,5 @@ class InputProcessor:
             max_new_tokens=max_new,
             priority=priority,
             tenant=tenant,
+            stop_matcher=StopMatcher.for_stops(tuple(params.stop)) if params.stop else None,
         )

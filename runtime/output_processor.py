@@ -19,7 +19,7 @@ class OutputProcessor:
 
     def track(self, req: Request) -> None:
         if self.tokenizer is not None:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params)
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params, req.stop_matcher)
 
     def process(self, batch: ScheduledBatch, sampled: list[int],
                 logprobs: list[SampleLogprobs] | None = None) -> list[RequestOutput]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from scheduler.params import SamplingParams
 
@@ -51,6 +52,9 @@ class Request:
     swapped: tuple[int, int] | None = None  # (swap handle, tokens whose KV it holds) while swapped out
     first_token_time: float | None = None
     finish_time: float | None = None
+    # The stop strings' automaton (runtime.stop_matcher), built by the input processor so the
+    # engine thread never spends time on it; None: built on demand.
+    stop_matcher: Any = None
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_token_ids)
