@@ -1,6 +1,11 @@
 """The engine core: builds the model, memory and scheduler from an EngineConfig and runs steps.
 
 One step (pipeline depth 1): schedule -> prepare -> launch -> read back -> process outputs.
+
+A step that raises is recovered from here (``_recover``): if some requests' parameters are to
+blame they fail alone and the rest of their batch recomputes; otherwise the batch's requests
+fail. Either way every batch that will not be processed lets go of its requests, so their pages
+and slots come back. Too many failures in a row (a broken device) raise ``EngineFatalError``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from model.tokenizer import load_tokenizer
 from runtime.config import ConfigError, EngineConfig
 from runtime.executor import CpuExecutor, CudaExecutor, Launched
 from runtime.input_processor import InputProcessor
-from runtime.model_runner import ModelRunner, staging_regions
+from runtime.model_runner import ModelRunner, check_sampling_params, staging_regions
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput, SampleLogprobs, TokenLogprob
 from runtime.predictor_store import load_predictor, save_predictor
@@ -32,6 +37,7 @@ from scheduler import (
     FinishReason,
     PoolWrite,
     Request,
+    RequestStatus,
     SamplingParams,
     ScheduledBatch,
     ScheduledSeq,
@@ -51,6 +57,11 @@ MAX_GRAPH_BATCH = 512
 # larger tile wastes more on small batches, a smaller one launches more GEMMs per prefill.
 BATCH_INVARIANT_TILE = 256
 STALL_POLL_S = 0.002  # how long a caller waits after a step the policy stalled on purpose
+MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row, nobody to blame, before the engine gives up
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on (steps keep failing, or recovery itself failed)."""
 
 
 def _logprobs(lp: tuple[list[float], list[list[int]], list[list[float]]] | None) -> list[SampleLogprobs] | None:
@@ -206,6 +217,9 @@ class EngineCore:
         )
         self._in_flight: deque[_InFlight] = deque()
         self.stalled = False
+        self.num_step_failures = 0
+        self._consecutive_failures = 0
+        self.last_progress = time.monotonic()  # a batch launched or processed; read by /health
         self._last_device_end = 0.0
         self._device_busy_s = 0.0
         self._device_idle_s = 0.0
@@ -279,9 +293,17 @@ class EngineCore:
         return peak
 
     # -- requests -------------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
-        self.scheduler.add(req)
+    def add_request(self, req: Request) -> RequestOutput | None:
+        """Queue a request; returns its error output instead if it cannot be served (it fails alone)."""
+        try:
+            check_sampling_params(req.params)
+            self.scheduler.add(req)
+        except Exception as e:  # the input stage should have refused it: a request built by hand
+            log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
+            req.finish_time = time.monotonic()
+            return OutputProcessor.failed(req, f"invalid request: {e}")
         self.outputs.track(req)
+        return None
 
     def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
                       error: str | None = None) -> RequestOutput | None:
@@ -333,11 +355,15 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is not None:
             t1 = clock()
-            with self._sync_debug():
-                prepared = self.runner.prepare(batch)
-                t2 = clock()
-                launched = self.executor.launch(prepared)
+            try:
+                with self._sync_debug():
+                    prepared = self.runner.prepare(batch)
+                    t2 = clock()
+                    launched = self.executor.launch(prepared)
+            except Exception as e:  # batches launched before this one are sound: they go on
+                return self._recover(e, [batch])
             self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+            self.last_progress = time.monotonic()
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = batch is None and not self._in_flight
@@ -348,10 +374,15 @@ class EngineCore:
             return []
         done = self._in_flight.popleft()
         t3 = clock()
-        result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        try:
+            result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        except Exception as e:  # batches launched after it read its tokens: they are lost too
+            return self._recover(e, [done.batch])
         t4 = clock()
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
+        self.last_progress = time.monotonic()
+        self._consecutive_failures = 0
         idle = 0.0
         if self._last_device_end and done.busy:
             idle = max(0.0, result.device_start - self._last_device_end)
@@ -366,6 +397,63 @@ class EngineCore:
         if self._debug_checks:
             self.check_integrity()
         return outputs
+
+    def recover(self, error: BaseException) -> list[RequestOutput]:
+        """After a step raised outside the guarded launch and read-back (a scheduler or output bug):
+        nothing in flight will be processed, and every running request is a suspect."""
+        return self._recover(error, [])
+
+    def _recover(self, error: BaseException, failed: list[ScheduledBatch]) -> list[RequestOutput]:
+        self.num_step_failures += 1
+        lost = failed + [f.batch for f in self._in_flight]
+        for f in self._in_flight:  # let the executor finish with them before their memory moves
+            with contextlib.suppress(Exception):
+                self.executor.wait(f.launched)
+        self._in_flight.clear()
+        suspects: dict[str, Request] = {}
+        for batch in lost:
+            suspects.update((s.request.request_id, s.request) for s in batch.seqs if not s.request.is_finished)
+        if not failed:
+            suspects.update((r.request_id, r) for r in self.scheduler.running)
+        blamed = {rid: why for rid, r in suspects.items() if (why := self._blame(r)) is not None}
+        outputs: list[RequestOutput] = []
+        requeued: list[str] = []
+        for rid, req in suspects.items():
+            if blamed and rid not in blamed:
+                if req.status is RequestStatus.RUNNING:
+                    self.scheduler.requeue(req)  # innocent: recompute, its tokens so far are kept
+                    requeued.append(rid)
+                continue
+            outputs.append(self.outputs.abort(req, FinishReason.ERROR, blamed.get(rid) or f"engine error: {error!r}"))
+        if any(batch.swaps for batch in lost):
+            self.scheduler.reset_swaps()
+            if self.runner.swapper is not None:
+                self.runner.swapper.host.clear()
+        for batch in lost:
+            self.scheduler.forget_batch(batch)
+        # Pages those batches were to fill may already be in the prefix cache, without their KV.
+        self.scheduler.kv.drop_cache()
+        log.error("engine step failed", error=repr(error), failed=[o.request_id for o in outputs],
+                  blamed=sorted(blamed), requeued=requeued, exc_info=error)
+        try:
+            self.check_integrity()
+        except AssertionError as e:
+            raise EngineFatalError(f"the engine state is inconsistent after a failed step: {e}") from error
+        if not blamed:
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise EngineFatalError(f"{self._consecutive_failures} steps in a row failed; last: {error!r}") from error
+        self.stalled = False
+        self.last_progress = time.monotonic()
+        return outputs
+
+    def _blame(self, req: Request) -> str | None:
+        """Why this request alone could have failed a batch, if it could."""
+        try:
+            check_sampling_params(req.params)
+        except Exception as e:
+            return f"invalid sampling parameters: {e!r}"
+        return None
 
     def _sync_debug(self):
         return _SyncDebug() if self._debug_sync else contextlib.nullcontext()

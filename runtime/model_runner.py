@@ -18,7 +18,7 @@ from memory.kv_swapper import KVSwapper
 from model.attention import AttentionBackend, AttentionMetadata
 from model.decoder import DecoderModel
 from model.sampling import Penalties, SamplerOutput, SamplingBatch, sample_with_logprobs
-from scheduler import ScheduledBatch, ScheduledSeq
+from scheduler import SamplingParams, ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
     from runtime.cuda_graphs import DecodeGraphs
@@ -187,6 +187,13 @@ class ModelRunner:
         out = sample_with_logprobs(logits, sampling, self.generator)
         self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, out.token_ids)
         return out
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """Build one row of the sampling tensors on the CPU; raises for parameters the sampler cannot
+    take, so the engine can blame one request instead of failing a whole batch."""
+    SamplingBatch.build([params.temperature], [params.top_k], [params.top_p], [params.min_p], [params.seed], [0])
+    torch.tensor([params.presence_penalty, params.frequency_penalty, params.repetition_penalty], dtype=torch.float32)
 
 
 def _sampling_batch(seqs: list[ScheduledSeq], device: torch.device) -> SamplingBatch:

@@ -1,13 +1,21 @@
-"""The output stage: sampled ids -> appended tokens, stop checks, text deltas, finishes."""
+"""The output stage: sampled ids -> appended tokens, stop checks, text deltas, finishes.
+
+A request whose output handling raises (its detokenizer, its stop check) fails alone; the rest of
+the batch is processed as usual.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import structlog
+
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.outputs import RequestOutput, SampleLogprobs
 from scheduler import FinishReason, Request, ScheduledBatch, Scheduler
+
+log = structlog.get_logger("conveyor.engine")
 
 
 class OutputProcessor:
@@ -35,7 +43,12 @@ class OutputProcessor:
             lp = None
             if logprobs is not None and (k := req.params.logprobs) is not None:
                 lp = SampleLogprobs(token_id=token, logprob=logprobs[row].logprob, top=logprobs[row].top[:k])
-            outputs.append(self._append(req, token, now, lp))
+            try:
+                outputs.append(self._append(req, token, now, lp))
+            except Exception as e:
+                log.exception("output processing failed; failing the request", request_id=req.request_id)
+                error = f"output processing failed: {e!r}"
+                outputs.append(self.failed(req, error) if req.is_finished else self.abort(req, FinishReason.ERROR, error))
         return outputs
 
     def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:
@@ -66,6 +79,11 @@ class OutputProcessor:
     def abort(self, req: Request, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> RequestOutput:
         self.finish(req, reason)
         return self._output(req, "", [], reason, None, error)
+
+    @classmethod
+    def failed(cls, req: Request, error: str) -> RequestOutput:
+        """The error output of a request that is already out of the scheduler (or never got in)."""
+        return cls._output(req, "", [], FinishReason.ERROR, None, error)
 
     @staticmethod
     def _output(req: Request, text: str, token_ids: list[int], reason: FinishReason | None,
