@@ -152,6 +152,8 @@ async def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         host=args.host, port=args.port, max_waiting_requests=args.max_waiting_requests,
         max_request_body=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
+        keepalive_timeout=args.keepalive_timeout, body_timeout=args.body_timeout, write_timeout=args.write_timeout,
+        stall_timeout=args.stall_timeout, input_workers=args.input_workers,
     )
     return await serve(engine_config(args), settings)
 
@@ -167,6 +169,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish on SIGINT/SIGTERM before they are aborted "
                        "(default: 30)")
+    group.add_argument("--keepalive-timeout", type=float, default=15.0,
+                       help="seconds a connection may take to send a whole request, from opening or from its last "
+                       "response; slow or idle ones are closed (default: 15)")
+    group.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds to receive a request body once its headers are in; then 408 (default: 30)")
+    group.add_argument("--write-timeout", type=float, default=30.0,
+                       help="a streaming client that reads nothing for this long is cut off and its requests "
+                       "aborted (default: 30)")
+    group.add_argument("--stall-timeout", type=float, default=60.0,
+                       help="/health answers 503 once the engine has made no progress for this long with "
+                       "requests waiting (default: 60)")
+    group.add_argument("--input-workers", type=int, default=2,
+                       help="threads that tokenize and chat-template prompts off the event loop (default: 2)")
     # Also accepted after the subcommand; SUPPRESS keeps `conveyor --log-level X serve` working.
     group.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
 
