@@ -286,6 +286,8 @@ async def test_sigterm_in_the_first_moment_of_start_exits_0(tiny_model_dir: Path
     try:
         # As soon as the handler exists (long before torch is imported or the model loads).
         await wait_for(lambda: proc.poll() is not None or sigterm_caught(proc.pid), what="the SIGTERM handler")
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert "libtorch" not in f.read()  # still importing: the window that used to exit -15
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0
     finally:
