@@ -300,7 +300,7 @@ class EngineCore:
             self.scheduler.add(req)
         except Exception as e:  # the input stage should have refused it: a request built by hand
             log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
-            req.finish_time = time.monotonic()
+            req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, FinishReason.ERROR, time.monotonic()
             return OutputProcessor.failed(req, f"invalid request: {e}")
         self.outputs.track(req)
         return None

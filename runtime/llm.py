@@ -56,7 +56,8 @@ class LLM:
                 enumerate(zip(prompt_ids, params))]
         texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
         for r in reqs:
-            self.core.add_request(r)
+            if (out := self.core.add_request(r)) is not None:  # refused by the engine: it fails alone
+                texts[r.request_id].append(out.text)
         with tqdm(total=len(reqs), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.core.has_work():
                 for out in self.core.step():
