@@ -379,7 +379,10 @@ class EngineCore:
         except Exception as e:  # batches launched after it read its tokens: they are lost too
             return self._recover(e, [done.batch])
         t4 = clock()
-        outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        try:  # per-request errors are caught inside; this is for a bug in the stage itself
+            outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        except Exception as e:
+            return self._recover(e, [done.batch])
         self.scheduler.batch_done(done.batch)
         self.last_progress = time.monotonic()
         self._consecutive_failures = 0

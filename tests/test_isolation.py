@@ -155,6 +155,7 @@ async def test_steps_that_keep_failing_kill_the_engine_instead_of_spinning(tiny_
             assert outs[-1].finish_reason == "error" and eng.is_alive
         with pytest.raises(EngineDeadError):
             await asyncio.wait_for(run(eng, innocent(eng, 9)), 30)
+        await asyncio.wait_for(asyncio.to_thread(eng._thread.join), 30)  # it says so, then it exits
         assert not eng.is_alive
     finally:
         await eng.shutdown()
