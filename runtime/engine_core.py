@@ -300,7 +300,8 @@ class EngineCore:
             self.scheduler.add(req)
         except Exception as e:  # the input stage should have refused it: a request built by hand
             log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
-            req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, FinishReason.ERROR, time.monotonic()
+            req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+            req.finish_time = time.monotonic()
             return OutputProcessor.failed(req, f"invalid request: {e}")
         self.outputs.track(req)
         return None
@@ -445,7 +446,8 @@ class EngineCore:
         if not blamed:
             self._consecutive_failures += 1
             if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                raise EngineFatalError(f"{self._consecutive_failures} steps in a row failed; last: {error!r}") from error
+                raise EngineFatalError(f"{self._consecutive_failures} steps in a row failed; "
+                                       f"last: {error!r}") from error
         self.stalled = False
         self.last_progress = time.monotonic()
         return outputs

@@ -99,7 +99,8 @@ class InputProcessor:
             raise InvalidRequestError("top_k", f"must be at most the vocabulary size {self.vocab_size}, "
                                       f"got {params.top_k}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids", f"token ids must be below the vocabulary size {self.vocab_size}")
+            raise InvalidRequestError("stop_token_ids",
+                                      f"token ids must be below the vocabulary size {self.vocab_size}")
         return Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,

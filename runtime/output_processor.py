@@ -48,7 +48,8 @@ class OutputProcessor:
             except Exception as e:
                 log.exception("output processing failed; failing the request", request_id=req.request_id)
                 error = f"output processing failed: {e!r}"
-                outputs.append(self.failed(req, error) if req.is_finished else self.abort(req, FinishReason.ERROR, error))
+                failed = self.failed(req, error) if req.is_finished else self.abort(req, FinishReason.ERROR, error)
+                outputs.append(failed)
         return outputs
 
     def _append(self, req: Request, token: int, now: float, lp: SampleLogprobs | None) -> RequestOutput:

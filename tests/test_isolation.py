@@ -159,3 +159,20 @@ async def test_steps_that_keep_failing_kill_the_engine_instead_of_spinning(tiny_
         assert not eng.is_alive
     finally:
         await eng.shutdown()
+
+
+async def test_many_poisoned_requests_in_a_row_leak_no_page(engine: AsyncEngine) -> None:
+    """The issue's pool ran full after ~22 failed requests; a blamed failure must free everything."""
+    for i in range(30):
+        victim = engine.make_request(f"victim {i} " * 20, SamplingParams(temperature=0, max_tokens=100,
+                                                                           ignore_eos=True))
+        outs: list[RequestOutput] = []
+        async for out in engine.submit(victim):
+            outs.append(out)
+            if len(outs) == 1:
+                victim.params.top_k = OVERFLOW
+        assert outs[-1].finish_reason == "error"
+    assert engine.is_alive  # blamed failures do not count towards giving up
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    await wait_clean(engine)

@@ -59,7 +59,8 @@ BOUNDS: list[tuple[str, str, Any, str]] = [
 @pytest.mark.parametrize(("path", "body", "param"), [pytest.param(*c[1:], id=c[0]) for c in BOUNDS])
 async def test_out_of_range_field_is_a_400_naming_it(tiny: Server, http: aiohttp.ClientSession, path: str,
                                                      body: Any, param: str | None) -> None:
-    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    raw = isinstance(body, bytes)
+    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if raw else {"json": body}
     async with http.post(tiny.url + path, **kwargs) as resp:
         assert resp.status == 400, await resp.text()
         err = (await resp.json())["error"]
