@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -223,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # The `conveyor` script's own window (python -m runtime installs this earlier, in __main__):
+        # until the server's handlers are in, SIGTERM is a clean exit, not -15.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
