@@ -231,10 +231,10 @@ async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
     resp = web.StreamResponse(headers=SSE_HEADERS)
     timeout = request.app[STATE].settings.write_timeout
 
-    async def write(data: bytes) -> None:
+    async def write(data: bytes | None) -> None:  # None: the end of the stream
         # A client that stops reading fills the socket buffers, and then write waits for it forever.
         try:
-            await asyncio.wait_for(resp.write(data), timeout)
+            await asyncio.wait_for(resp.write(data) if data is not None else resp.write_eof(), timeout)
         except TimeoutError:
             log.warning("client stopped reading; aborting its stream", response_id=plan.response_id,
                         write_timeout_s=timeout)
@@ -255,7 +255,7 @@ async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
         if plan.include_usage:
             await write(sse(renderer.usage_chunk()))
         await write(SSE_DONE)
-        await resp.write_eof()
+        await write(None)
     except ConnectionResetError:
         # The client went away and aiohttp said so on a write (handler cancellation off);
         # leaving the async-with above already closed run_choices, which aborted the requests.
@@ -274,7 +274,7 @@ async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
         try:
             await write(event)
             await write(SSE_DONE)
-            await resp.write_eof()
+            await write(None)
         except ConnectionResetError:
             pass
     return resp
