@@ -74,9 +74,9 @@ class AsyncEngine:
 
     def stalled_for(self) -> float:
         """Seconds the engine has made no progress (no batch launched or processed, no command
-        taken) while requests were submitted and unfinished; 0 when it is idle or moving."""
-        if not self._streams:
-            return 0.0
+        taken) while it holds requests or commands wait for it; 0 when it is idle or moving."""
+        if not self.core.scheduler.requests and self._commands.empty():
+            return 0.0  # (a caller slow to read its last output is not the engine's stall)
         return max(0.0, time.monotonic() - max(self.core.last_progress, self._busy_since))
 
     def num_waiting(self) -> int:
