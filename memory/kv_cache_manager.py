@@ -162,6 +162,16 @@ class KVCacheManager:
             self.prefix_cache.unlock(node)
         self.allocator.free([p for p in table if p not in cached])
 
+    def drop_cache(self) -> int:
+        """Evict every cached page nobody reads (after a failed step, cached KV may never have been
+        written); returns how many were freed."""
+        if self.prefix_cache is None:
+            return 0
+        evicted = self.prefix_cache.evict(self.prefix_cache.num_evictable_pages)
+        self.num_evicted_pages += len(evicted)
+        self.allocator.free(evicted)
+        return len(evicted)
+
     def holds(self, request_id: str) -> bool:
         return request_id in self.page_tables
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Any, AsyncIterator
 
 import structlog
-
 from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.client import EngineDeadError
 from conveyor.runtime.engine.config import EngineConfig
-from conveyor.runtime.engine.core import STALL_POLL_S
-from conveyor.runtime.engine.step_stats import EngineStats
+from conveyor.runtime.engine.core import STALL_POLL_S, EngineFatalError
 from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.engine.outputs import RequestOutput
-from conveyor.scheduler import FinishReason, InvalidRequestError, Request, SamplingParams
+from conveyor.runtime.engine.step_stats import EngineStats
+from conveyor.scheduler import InvalidRequestError, Request, SamplingParams
 
 log = structlog.get_logger("conveyor.engine")
 
@@ -39,8 +39,8 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.num_step_failures = 0
         self._idle_waiters: list[asyncio.Future[None]] = []  # touched by the engine thread only
+        self._busy_since = 0.0  # when the first of the streams now open was submitted
 
     @classmethod
     async def create(cls, config: EngineConfig | None = None, **overrides: Any) -> "AsyncEngine":
@@ -71,6 +71,17 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def num_step_failures(self) -> int:
+        return self.core.num_step_failures
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has made no progress (no batch launched or processed, no command
+        taken) while it holds requests or commands wait for it; 0 when it is idle or moving."""
+        if not self.core.scheduler.requests and self._commands.empty():
+            return 0.0  # (a caller slow to read its last output is not the engine's stall)
+        return max(0.0, time.monotonic() - max(self.core.last_progress, self._busy_since))
 
     def num_waiting(self) -> int:
         """Requests the scheduler has not admitted yet: the backpressure check, once per HTTP request."""
@@ -151,6 +162,8 @@ class AsyncEngine:
         elif not self._thread.is_alive():
             raise EngineDeadError("the engine thread is not running")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        if not self._streams:  # an idle engine waiting for this command has not stalled
+            self._busy_since = time.monotonic()
         self._streams[req.request_id] = stream
         self._commands.put(("add", req))
         finished = False
@@ -208,13 +221,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = core.step()
-            except Exception as e:  # a bug, not a client: fail what was running, keep serving
-                self.num_step_failures += 1
-                log.exception("engine step failed; aborting the running requests")
-                outputs = [
-                    out for rid in [r.request_id for r in core.scheduler.running]
-                    if (out := core.abort_request(rid, FinishReason.ERROR, f"engine error: {e}")) is not None
-                ]
+            except EngineFatalError:
+                raise
+            except Exception as e:  # a bug outside the launch path: the core fails what it must, keeps serving
+                outputs = core.recover(e)
             if outputs:
                 self._emit(outputs)
 
@@ -227,6 +237,7 @@ class AsyncEngine:
             else:
                 cmd = self._commands.get_nowait()
             while True:
+                self.core.last_progress = time.monotonic()  # taking commands is progress too
                 if cmd is _STOP:
                     for rid in list(self.core.scheduler.requests):
                         if (out := self.core.abort_request(rid)) is not None:
@@ -236,7 +247,8 @@ class AsyncEngine:
                     return False
                 op, arg = cmd
                 if op == "add":
-                    self.core.add_request(arg)
+                    if (out := self.core.add_request(arg)) is not None:
+                        outputs.append(out)
                 elif op == "idle":
                     self._idle_waiters.append(arg)
                 elif (out := self.core.abort_request(arg)) is not None:

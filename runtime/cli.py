@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -91,6 +92,8 @@ async def _serve(args: argparse.Namespace) -> int:
         max_request_body=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
         ignore_unknown_fields=args.ignore_unknown_fields, chat_template=chat_template,
         tool_call_parser=args.tool_call_parser,
+        keepalive_timeout=args.keepalive_timeout, body_timeout=args.body_timeout, write_timeout=args.write_timeout,
+        stall_timeout=args.stall_timeout, input_workers=args.input_workers,
     )
     return await serve(engine_config(args), settings)
 
@@ -114,6 +117,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
                        help="how tool calls are read from the output: hermes (<tool_call>JSON</tool_call>, "
                        "Qwen/Hermes and SmolLM2; default)")
+    group.add_argument("--keepalive-timeout", type=float, default=15.0,
+                       help="seconds a connection may take to send a whole request, from opening or from its last "
+                       "response; slow or idle ones are closed (default: 15)")
+    group.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds to receive a request body once its headers are in; then 408 (default: 30)")
+    group.add_argument("--write-timeout", type=float, default=30.0,
+                       help="a streaming client that reads nothing for this long is cut off and its requests "
+                       "aborted (default: 30)")
+    group.add_argument("--stall-timeout", type=float, default=60.0,
+                       help="/health answers 503 once the engine has made no progress for this long with "
+                       "requests waiting (default: 60)")
+    group.add_argument("--input-workers", type=int, default=2,
+                       help="threads that tokenize and chat-template prompts off the event loop (default: 2)")
     # Also accepted after the subcommand; SUPPRESS keeps `conveyor --log-level X serve` working.
     group.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
 
@@ -155,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # The `conveyor` script's own window (python -m runtime installs this earlier, in __main__):
+        # until the server's handlers are in, SIGTERM is a clean exit, not -15.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine

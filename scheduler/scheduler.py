@@ -326,6 +326,27 @@ class Scheduler:
                 self.draining.remove(req)
                 self._release(req)
 
+    # -- after a failed step --------------------------------------------------------------
+    def requeue(self, req: Request) -> None:
+        """Send a running request back to wait and recompute (its batch failed for someone else's fault)."""
+        self._preempt(req)
+
+    def forget_batch(self, batch: ScheduledBatch) -> None:
+        """A launched batch that will never be processed: let go of its requests as if it had been,
+        and keep its slot re-poisoning for the next batch."""
+        self._freed_slots.extend(batch.freed_slots)
+        self.batch_done(batch)
+
+    def reset_swaps(self) -> None:
+        """Forget every host copy of KV (a failed batch may have run its swap ops or not); those
+        requests recompute instead."""
+        for req in self.requests.values():
+            if req.swapped is not None:
+                assert self.swap is not None
+                self.swap.release(req.swapped[0])
+                req.swapped = None
+        self._swaps = []
+
     def _release(self, req: Request) -> None:
         # Tokens whose KV its pages hold: computed by a launched batch and known on the host
         # (an in-flight sample's value is not, and its position's KV is not cached).

@@ -2,10 +2,16 @@
 
 The engine holds no tensors and imports no model code: it builds the scheduler and page
 bookkeeping over the ``KVLayout`` its executor reports, and runs batches through that executor.
+
+A step that raises is recovered from here (``_recover``): if some requests' parameters are to
+blame they fail alone and the rest of their batch recomputes; otherwise the batch's requests
+fail. Either way every batch that will not be processed lets go of its requests, so their pages
+and slots come back. Too many failures in a row (a broken device) raise ``EngineFatalError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -13,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import structlog
 from conveyor.memory import KVCacheManager, SwapSpace, make_reservation
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.executor import BatchResult, Executor
@@ -24,6 +31,7 @@ from conveyor.runtime.engine.step_stats import DeviceTime, EngineStats, StepReco
 from conveyor.scheduler import (
     FinishReason,
     Request,
+    RequestStatus,
     ScheduledBatch,
     Scheduler,
     SchedulerLimits,
@@ -31,7 +39,21 @@ from conveyor.scheduler import (
     make_policy,
 )
 
+log = structlog.get_logger("conveyor.engine")
+
 STALL_POLL_S = 0.002  # how long a caller waits after a step the policy stalled on purpose
+MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row, nobody to blame, before the engine gives up
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on (steps keep failing, or recovery itself failed)."""
+
+
+class _BatchFailed(Exception):
+    """Launching, reading back or processing ``batch`` raised ``error``."""
+
+    def __init__(self, batch: ScheduledBatch, error: Exception) -> None:
+        self.batch, self.error = batch, error
 
 
 class ModelInfo(NamedTuple):
@@ -120,6 +142,9 @@ class EngineCore:
         self.pipeline_depth = config.pipeline_depth
         self._in_flight: deque[_InFlight] = deque()
         self.stalled = False
+        self.num_step_failures = 0
+        self._consecutive_failures = 0
+        self.last_progress = time.monotonic()  # a batch launched or processed; read by /health
         self._device = DeviceTime()
         self._debug_checks = os.environ.get("CONVEYOR_DEBUG_CHECKS") == "1"  # integrity after every step
         self.eos_token_ids = model.eos_token_ids
@@ -130,9 +155,18 @@ class EngineCore:
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
 
     # -- requests -------------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
-        self.scheduler.add(req)
+    def add_request(self, req: Request) -> RequestOutput | None:
+        """Queue a request; returns its error output instead if it cannot be served (it fails alone)."""
+        try:
+            self.executor.check_sampling_params(req.params)
+            self.scheduler.add(req)
+        except Exception as e:  # the input stage should have refused it: a request built by hand
+            log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
+            req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+            req.finish_time = self.outputs.clock()
+            return OutputProcessor.failed(req, f"invalid request: {e}")
         self.outputs.track(req)
+        return None
 
     def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
                       error: str | None = None) -> RequestOutput | None:
@@ -153,7 +187,10 @@ class EngineCore:
 
         Depth 1 is the no-overlap twin: launch, wait, process, repeat.
         """
-        launched = self._launch_next()
+        try:
+            launched = self._launch_next()
+        except _BatchFailed as f:  # batches launched before this one are sound: they go on
+            return self._recover(f.error, [f.batch])
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = not launched and not self._in_flight
@@ -161,7 +198,10 @@ class EngineCore:
             self.executor.run_swaps(drops)  # nothing in flight: the device is idle
         if not self._must_wait(launched):
             return []
-        return self._finish_oldest()
+        try:
+            return self._finish_oldest()
+        except _BatchFailed as f:  # batches launched after it read its tokens: they are lost too
+            return self._recover(f.error, [f.batch])
 
     def _must_wait(self, launched: bool) -> bool:
         """The overlap condition, the one place that decides it: wait for the oldest batch once
@@ -178,10 +218,14 @@ class EngineCore:
         if batch is None:
             return False
         t1 = clock()
-        prepared = self.executor.prepare(batch)
-        t2 = clock()
-        launched = self.executor.launch(prepared)
+        try:
+            prepared = self.executor.prepare(batch)
+            t2 = clock()
+            launched = self.executor.launch(prepared)
+        except Exception as e:
+            raise _BatchFailed(batch, e) from e
         self._in_flight.append(_InFlight(batch, launched, (t0, t1), (t1, t2), (t2, clock()), busy))
+        self.last_progress = time.monotonic()
         self._fill_grammar_masks()  # if nothing was in flight before it, its matchers are current
         return True
 
@@ -189,12 +233,20 @@ class EngineCore:
         self._fill_grammar_masks()  # a no-op unless a failed step skipped it: never wait on an unfilled mask
         done = self._in_flight.popleft()
         t3 = time.perf_counter()
-        result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        try:
+            result = self.executor.wait(done.launched)  # the one host wait of the step, after N+1 launched
+        except Exception as e:
+            raise _BatchFailed(done.batch, e) from e
         t4 = time.perf_counter()
-        if result.prompt_logprobs is not None:  # before the samples: a first output carries them
-            self.outputs.record_prompt_logprobs(done.batch, result.prompt_logprobs)
-        outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        try:  # per-request errors are caught inside; this is for a bug in the stage itself
+            if result.prompt_logprobs is not None:  # before the samples: a first output carries them
+                self.outputs.record_prompt_logprobs(done.batch, result.prompt_logprobs)
+            outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
+        except Exception as e:
+            raise _BatchFailed(done.batch, e) from e
         self.scheduler.batch_done(done.batch)
+        self.last_progress = time.monotonic()
+        self._consecutive_failures = 0
         self._fill_grammar_masks()
         idle = self._device.add(result.device_start, result.device_end, counts_idle=done.busy)
         if self.step_records is not None:
@@ -202,6 +254,64 @@ class EngineCore:
         if self._debug_checks:
             self.check_integrity()
         return outputs
+
+    def recover(self, error: BaseException) -> list[RequestOutput]:
+        """After a step raised outside the guarded launch and read-back (a scheduler or output bug):
+        nothing in flight will be processed, and every running request is a suspect."""
+        return self._recover(error, [])
+
+    def _recover(self, error: BaseException, failed: list[ScheduledBatch]) -> list[RequestOutput]:
+        self.num_step_failures += 1
+        lost = failed + [f.batch for f in self._in_flight]
+        for f in self._in_flight:  # let the executor finish with them before their memory moves
+            with contextlib.suppress(Exception):
+                self.executor.fill_grammar_mask(f.launched)  # a held sampler must not wait forever
+                self.executor.wait(f.launched)
+        self._in_flight.clear()
+        suspects: dict[str, Request] = {}
+        for batch in lost:
+            suspects.update((s.request.request_id, s.request) for s in batch.seqs if not s.request.is_finished)
+        if not failed:
+            suspects.update((r.request_id, r) for r in self.scheduler.running)
+        blamed = {rid: why for rid, r in suspects.items() if (why := self._blame(r)) is not None}
+        outputs: list[RequestOutput] = []
+        requeued: list[str] = []
+        for rid, req in suspects.items():
+            if blamed and rid not in blamed:
+                if req.status is RequestStatus.RUNNING:
+                    self.scheduler.requeue(req)  # innocent: recompute, its tokens so far are kept
+                    requeued.append(rid)
+                continue
+            outputs.append(self.outputs.abort(req, FinishReason.ERROR, blamed.get(rid) or f"engine error: {error!r}"))
+        if any(batch.swaps for batch in lost):
+            self.scheduler.reset_swaps()
+            self.executor.drop_swapped()
+        for batch in lost:
+            self.scheduler.forget_batch(batch)
+        # Pages those batches were to fill may already be in the prefix cache, without their KV.
+        self.scheduler.kv.drop_cache()
+        log.error("engine step failed", error=repr(error), failed=[o.request_id for o in outputs],
+                  blamed=sorted(blamed), requeued=requeued, exc_info=error)
+        try:
+            self.check_integrity()
+        except AssertionError as e:
+            raise EngineFatalError(f"the engine state is inconsistent after a failed step: {e}") from error
+        if not blamed:
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise EngineFatalError(f"{self._consecutive_failures} steps in a row failed; "
+                                       f"last: {error!r}") from error
+        self.stalled = False
+        self.last_progress = time.monotonic()
+        return outputs
+
+    def _blame(self, req: Request) -> str | None:
+        """Why this request alone could have failed a batch, if it could."""
+        try:
+            self.executor.check_sampling_params(req.params)
+        except Exception as e:
+            return f"invalid sampling parameters: {e!r}"
+        return None
 
     def _fill_grammar_masks(self) -> None:
         """The one place that releases a structured-output batch's sampling.

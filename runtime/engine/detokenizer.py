@@ -2,25 +2,28 @@
 
 Text is streamed as soon as it is valid UTF-8 (tokenizers' DecodeStream holds back partial
 characters), except a tail that could still grow into a stop string: that is held until it
-either completes the stop (and is cut) or stops matching (and is sent).
+either completes the stop (and is cut) or stops matching (and is sent). Stops are matched by one
+automaton over the new characters only (``stop_matcher.py``): bounded work per token.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tokenizers.decoders import DecodeStream
-
+from conveyor.runtime.engine.stop_matcher import StopMatcher
 from conveyor.scheduler import SamplingParams
+from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any, params: SamplingParams, matcher: StopMatcher | None = None) -> None:
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
-        self._stops = params.stop
+        if matcher is None and params.stop:
+            matcher = StopMatcher.for_stops(tuple(params.stop))
+        self._matcher = matcher
+        self._state = 0
         self._include_stop = params.include_stop_str_in_output
-        self._max_stop = max((len(s) for s in self._stops), default=0)
         self.text = ""
         self._sent = 0
 
@@ -29,14 +32,15 @@ class IncrementalDetokenizer:
         piece = self._stream.step(self._backend, token_id) or ""
         if not piece:
             return None
-        search_from = max(0, len(self.text) - self._max_stop + 1)
+        start = len(self.text)
         self.text += piece
-        if not self._stops:
+        if self._matcher is None:
             return None
-        hits = [(i, s) for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
-        if not hits:
+        self._state, end, i = self._matcher.feed(self._state, piece)
+        if i < 0:
             return None
-        at, stop = min(hits)
+        stop = self._matcher.stops[i]
+        at = start + end - len(stop)
         self.text = self.text[: at + len(stop)] if self._include_stop else self.text[:at]
         return stop
 
@@ -49,8 +53,4 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_len(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for k in range(min(self._max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                return k
-        return 0
+        return self._matcher.depth[self._state] if self._matcher is not None else 0

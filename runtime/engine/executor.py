@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from conveyor.memory import SwapOp
-from conveyor.scheduler import ScheduledBatch
+from conveyor.scheduler import SamplingParams, ScheduledBatch
 
 
 class KVLayout(NamedTuple):
@@ -67,6 +67,15 @@ class Executor(Protocol):
 
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
         """Run KV swap-outs now; called only when nothing is in flight."""
+        ...
+
+    def drop_swapped(self) -> None:
+        """Forget every host copy of swapped-out KV (a failed step reset the swap bookkeeping)."""
+        ...
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """Raise for sampling parameters the device's sampler cannot take, so the engine can fail
+        one request instead of a whole batch."""
         ...
 
     def close(self) -> None: ...

@@ -1,6 +1,8 @@
 """The input stage: prompt text, chat messages or token ids -> a validated Request.
 
-Runs in the caller's thread (the API's event loop), never on the engine's launch path.
+Runs in the caller's thread (the server runs it in a worker thread, off its event loop), never
+on the engine's launch path. Text longer than ``max_prompt_chars`` cannot fit in the context
+whatever it tokenizes to, so it is refused before the tokenizer spends seconds on it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import uuid
 from typing import Any, Sequence
 
 from conveyor.runtime.engine.grammar import GrammarCompiler
+from conveyor.runtime.engine.stop_matcher import StopMatcher
 from conveyor.scheduler import InvalidRequestError, Request, SamplingParams
 
 Prompt = str | Sequence[int]
@@ -24,6 +27,11 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
+        # No token spells more characters than the longest vocabulary entry (byte-level and
+        # sentencepiece entries are at least as long as their text), so this many characters
+        # are already more than max_model_len tokens.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_prompt_chars = max_model_len * max(longest, 1)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -44,6 +52,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt is empty")
+            self._check_chars("prompt", len(prompt))
             ids = self._require_tokenizer("prompt").encode(prompt)
         else:
             ids = list(prompt)
@@ -63,12 +72,18 @@ class InputProcessor:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"messages[{i}]", "each message needs a role and a content")
+        self._check_chars("messages", sum(len(str(m["content"])) for m in messages))
         try:
             text = tok.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **options})
         except Exception as e:  # the template itself rejects the conversation (jinja raise_exception)
             raise InvalidRequestError("messages", f"chat template rejected the messages: {e}") from None
         # The template already wrote the special tokens; encoding must not add a second BOS.
         return tok.encode(text, add_special_tokens=False)
+
+    def _check_chars(self, field: str, n: int) -> None:
+        if n > self.max_prompt_chars:
+            raise InvalidRequestError(field, f"{field} has {n} characters; at most {self.max_prompt_chars} can fit "
+                                      f"in the maximum context length of {self.max_model_len} tokens")
 
     def _require_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:
@@ -97,6 +112,9 @@ class InputProcessor:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
+        if params.top_k > self.vocab_size:
+            raise InvalidRequestError("top_k", f"must be at most the vocabulary size {self.vocab_size}, "
+                                      f"got {params.top_k}")
         bad = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= self.vocab_size]
         if bad:
             field = "logit_bias" if bad[0] in params.logit_bias else "stop_token_ids"
@@ -108,6 +126,7 @@ class InputProcessor:
             max_new_tokens=max_new,
             priority=priority,
             tenant=tenant,
+            stop_matcher=StopMatcher.for_stops(tuple(params.stop)) if params.stop else None,
         )
         if params.structured is not None:
             if self.tokenizer is None:

@@ -1,4 +1,8 @@
-"""The output stage: sampled ids -> appended tokens, stop checks, text deltas, finishes."""
+"""The output stage: sampled ids -> appended tokens, stop checks, text deltas, finishes.
+
+A request whose output handling raises (its detokenizer, its stop check) fails alone; the rest of
+the batch is processed as usual.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import structlog
 from conveyor.runtime.engine.detokenizer import IncrementalDetokenizer
 from conveyor.runtime.engine.executor import PromptLogprobRows
 from conveyor.runtime.engine.outputs import (
@@ -16,6 +21,8 @@ from conveyor.runtime.engine.outputs import (
     TokenLogprob,
 )
 from conveyor.scheduler import FinishReason, Request, ScheduledBatch, Scheduler
+
+log = structlog.get_logger("conveyor.engine")
 
 
 class OutputProcessor:
@@ -29,7 +36,7 @@ class OutputProcessor:
 
     def track(self, req: Request) -> None:
         if self.tokenizer is not None:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params)
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.params, req.stop_matcher)
 
     def process(self, batch: ScheduledBatch, sampled: list[int],
                 logprobs: list[SampleLogprobs] | None = None) -> list[RequestOutput]:
@@ -45,7 +52,13 @@ class OutputProcessor:
             lp = None
             if logprobs is not None and (k := req.params.logprobs) is not None:
                 lp = SampleLogprobs(token_id=token, logprob=logprobs[row].logprob, top=logprobs[row].top[:k])
-            outputs.append(self._append(req, token, now, lp))
+            try:
+                outputs.append(self._append(req, token, now, lp))
+            except Exception as e:
+                log.exception("output processing failed; failing the request", request_id=req.request_id)
+                error = f"output processing failed: {e!r}"
+                failed = self.failed(req, error) if req.is_finished else self.abort(req, FinishReason.ERROR, error)
+                outputs.append(failed)
         return outputs
 
     def record_prompt_logprobs(self, batch: ScheduledBatch, rows: PromptLogprobRows) -> None:
@@ -108,6 +121,11 @@ class OutputProcessor:
     def abort(self, req: Request, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> RequestOutput:
         self.finish(req, reason)
         return self._output(req, "", [], reason, None, error)
+
+    @classmethod
+    def failed(cls, req: Request, error: str) -> RequestOutput:
+        """The error output of a request that is already out of the scheduler (or never got in)."""
+        return cls._output(req, "", [], FinishReason.ERROR, None, error)
 
     @staticmethod
     def _output(req: Request, text: str, token_ids: list[int], reason: FinishReason | None,

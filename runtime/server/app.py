@@ -2,6 +2,9 @@
 
 ``build_app(engine, settings)`` only builds the app; ``serve.py`` runs it next to the engine.
 Handlers raise ``ApiError`` for anything a client did wrong; one middleware renders it.
+Nothing heavy runs on the event loop: prompts are tokenized and chat-templated in a small thread
+pool (the tokenizer releases the GIL), after the cheap length checks. A client that stops
+reading a stream for ``write_timeout`` seconds is cut off and its requests aborted.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -18,7 +22,7 @@ from aiohttp import web
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
-from conveyor.runtime.server.fields import check_unknown_fields, compile_off_loop
+from conveyor.runtime.server.fields import check_unknown_fields
 from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
 from conveyor.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from conveyor.runtime.server.protocol import (
@@ -54,6 +58,13 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     ignore_unknown_fields: bool = False  # True: accept unknown request fields and log them (vLLM); else 400
     chat_template: str | None = None  # --chat-template: a Jinja template (text) replacing the model's
     tool_call_parser: str = "hermes"  # --tool-call-parser: how tool calls are read from the output
+    # A connection must send a full request within this long of opening or of its last response
+    # (aiohttp's keep-alive timer also runs from connection_made): slow-header clients are closed.
+    keepalive_timeout: float = 15.0
+    body_timeout: float = 30.0  # seconds to receive a request's body once its headers are in
+    write_timeout: float = 30.0  # a stream whose client reads nothing for this long is aborted
+    stall_timeout: float = 60.0  # /health says 503 after this long without engine progress while work waits
+    input_workers: int = 2  # threads that tokenize and template prompts
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -62,6 +73,11 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_request_body must be >= 1")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        for name in ("keepalive_timeout", "body_timeout", "write_timeout", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.input_workers < 1:
+            raise ValueError("input_workers must be >= 1")
 
 
 class ServerState:
@@ -74,6 +90,7 @@ class ServerState:
         self.inflight = InFlight()
         self.draining = False  # set by serve.py on SIGINT/SIGTERM: refuse new work, finish old
         self.created = int(time.time())
+        self.inputs = ThreadPoolExecutor(settings.input_workers, thread_name_prefix="conveyor-inputs")
 
     def admit(self, plan: Plan) -> None:
         """Let a plan's requests in, or refuse them; no await between the check and the record."""
@@ -82,8 +99,12 @@ class ServerState:
             raise ApiError(503, "The server is shutting down.", code="shutting_down", headers=retry)
         if not self.engine.is_alive:
             raise ApiError(503, "The engine is not running.", code="engine_dead", headers=retry)
+        bound, n = self.settings.max_waiting_requests, len(plan.requests)
+        if n > bound:  # n choices are n requests in the queue: this one could never get in
+            raise ApiError(400, f"n: {n} choices exceed the server's queue bound of {bound} requests",
+                           param="n")
         waiting = max(self.engine.num_waiting(), len(self.inflight.unstarted))
-        if waiting >= self.settings.max_waiting_requests:
+        if waiting + n > bound:
             raise ApiError(429, f"Too many requests waiting ({waiting}); retry later.", code="queue_full",
                            headers=retry)
         self.inflight.admit([r.request_id for r in plan.requests])
@@ -116,26 +137,31 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> we
 
 async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    task = asyncio.create_task(watch_engine(state.engine, state.inflight))
+    task = asyncio.create_task(watch_engine(state.engine, state.inflight, stall_timeout=state.settings.stall_timeout))
     yield
     task.cancel()
+    state.inputs.shutdown(wait=False, cancel_futures=True)
 
 
 # -- routes ---------------------------------------------------------------------------------
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = await _read_body(request, CompletionRequest)
-    await compile_off_loop(state.engine, body)
-    plan = completion_plan(state.engine, body, state.settings)
+    plan = await _off_loop(state, completion_plan, await _read_body(request, CompletionRequest))
     return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = await _read_body(request, ChatCompletionRequest)
-    await compile_off_loop(state.engine, body)
-    plan = chat_plan(state.engine, body, state.settings)
+    plan = await _off_loop(state, chat_plan, await _read_body(request, ChatCompletionRequest))
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
+
+
+async def _off_loop(state: ServerState, make_plan: Callable[[AsyncEngine, Body, ServerSettings], Plan],
+                    body: Body) -> Plan:
+    """Tokenizing a long prompt, or compiling a large schema, takes seconds: it must not hold every
+    other stream's chunks."""
+    return await asyncio.get_running_loop().run_in_executor(state.inputs, make_plan, state.engine, body,
+                                                            state.settings)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -149,6 +175,9 @@ async def _health(request: web.Request) -> web.Response:
     if state.draining or not state.engine.is_alive:
         # 503 while draining too: a load balancer should stop sending before the port closes.
         raise ApiError(503, "shutting down" if state.draining else "engine is not running", code="unhealthy")
+    if (stalled := state.engine.stalled_for()) > state.settings.stall_timeout:
+        raise ApiError(503, f"the engine has made no progress for {stalled:.0f} s with requests waiting",
+                       code="unhealthy")
     return web.Response(status=200)
 
 
@@ -163,10 +192,14 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
     too_large = ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_large  # refuse before reading; aiohttp drains the rest in the background
+    timeout = request.app[STATE].settings.body_timeout
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
         raise too_large from None
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout",
+                       headers={"Connection": "close"}) from None
     try:
         obj = msgspec.json.decode(raw)
         check_unknown_fields(obj, kind, request.app[STATE].settings.ignore_unknown_fields, request.path)
@@ -175,6 +208,8 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
         raise from_validation_error(e) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise bad_request(None, f"The body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec's depth guard: the body nests arrays/objects ~1000 deep
+        raise bad_request(None, "The body nests JSON arrays or objects too deeply.") from None
 
 
 async def _run(request: web.Request, plan: Plan, renderer: Renderer) -> web.StreamResponse:
@@ -207,20 +242,33 @@ async def _collect(renderer: Renderer, outputs: AsyncIterator[tuple[int, Request
 async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
                   outputs: AsyncIterator[tuple[int, RequestOutput]]) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    timeout = request.app[STATE].settings.write_timeout
+
+    async def write(data: bytes | None) -> None:  # None: the end of the stream
+        # A client that stops reading fills the socket buffers, and then write waits for it forever.
+        try:
+            await asyncio.wait_for(resp.write(data) if data is not None else resp.write_eof(), timeout)
+        except TimeoutError:
+            log.warning("client stopped reading; aborting its stream", response_id=plan.response_id,
+                        write_timeout_s=timeout)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("write timed out") from None
+
     try:
         await resp.prepare(request)
         for chunk in renderer.opening():
-            await resp.write(sse(chunk))
+            await write(sse(chunk))
         async with aclosing(outputs) as outs:
             async for i, out in outs:
                 if out.finish_reason == "error":  # the OpenAI client raises on an "error" event
-                    await resp.write(_error_event(out.error or "engine error", "engine_error"))
+                    await write(_error_event(out.error or "engine error", "engine_error"))
                 if (chunk := renderer.chunk(i, out)) is not None:
-                    await resp.write(sse(chunk))
+                    await write(sse(chunk))
         if plan.include_usage:
-            await resp.write(sse(renderer.usage_chunk()))
-        await resp.write(SSE_DONE)
-        await resp.write_eof()
+            await write(sse(renderer.usage_chunk()))
+        await write(SSE_DONE)
+        await write(None)
     except ConnectionResetError:
         # The client went away and aiohttp said so on a write (handler cancellation off);
         # leaving the async-with above already closed run_choices, which aborted the requests.
@@ -237,9 +285,9 @@ async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
             log.exception("stream failed", response_id=plan.response_id)
             event = _error_event("Internal server error.", "internal_error")
         try:
-            await resp.write(event)
-            await resp.write(SSE_DONE)
-            await resp.write_eof()
+            await write(event)
+            await write(SSE_DONE)
+            await write(None)
         except ConnectionResetError:
             pass
     return resp

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
-
 from conveyor.runtime.server.protocol import ErrorBody, ErrorResponse
 from conveyor.scheduler import InvalidRequestError
 
@@ -19,6 +18,7 @@ _TYPES = {
     400: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",

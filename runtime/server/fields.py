@@ -8,7 +8,6 @@ accepts and logs them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from functools import lru_cache
 from typing import Any
@@ -16,10 +15,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 import structlog
-
-from conveyor.runtime.server.errors import ApiError, bad_request
+from conveyor.runtime.server.errors import bad_request
 from conveyor.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
-from conveyor.scheduler import InvalidRequestError, StructuredSpec
+from conveyor.scheduler import StructuredSpec
 
 log = structlog.get_logger("conveyor.server")
 
@@ -134,22 +132,6 @@ def structured_spec(body: GenerationFields) -> StructuredSpec | None:
         raise bad_request(specs[1].field, f"{specs[1].field}: only one output constraint per request "
                           f"(already given {specs[0].field})")
     return specs[0] if specs else None
-
-
-async def compile_off_loop(engine: Any, body: GenerationFields) -> None:
-    """Compile the request's grammar in a worker thread, so that a large schema does not stall every
-    stream on the event loop; building the plan then finds it in the compile cache. Errors are left
-    for the plan to raise (as the 400 naming the field)."""
-    from conveyor.runtime.server.tools import tool_constraint, tool_setup
-
-    try:
-        spec = structured_spec(body)
-        if spec is None and isinstance(body, ChatCompletionRequest) and (tools := tool_setup(body)) is not None:
-            spec = tool_constraint(tools)
-        if spec is not None and engine.tokenizer is not None:
-            await asyncio.to_thread(engine.core.inputs.grammars.compile, spec)
-    except (ApiError, InvalidRequestError):
-        pass
 
 
 def _schema(schema: Any, field: str) -> StructuredSpec:

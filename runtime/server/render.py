@@ -6,8 +6,10 @@ so the streaming and the non-streaming paths share one piece of code per endpoin
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -120,6 +122,20 @@ class Renderer:
         if self.tokenizer is None:
             return f"token_id:{token_id}"  # vLLM's spelling for models served without a tokenizer
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        """The token's own bytes: one token of a multi-token emoji is a piece of a UTF-8 sequence,
+        which its decoded text (U+FFFD) does not carry."""
+        if self.tokenizer is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str):
+                if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:  # sentencepiece byte fallback
+                    return [int(m.group(1), 16)]
+                decoder = _byte_level_decoder()
+                if type(self.tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel" and all(
+                        c in decoder for c in piece):
+                    return [decoder[c] for c in piece]
+        return list(text.encode())
 
     # Endpoint-specific: take a delta, opening chunks, the chunk for a delta, the usage chunk,
     # the full response.
@@ -307,6 +323,24 @@ class ChatRenderer(Renderer):
 
     def _entry(self, s: SampleLogprobs) -> TokenLogprobEntry:
         token = self.token_text(s.token_id)
-        top = [TopLogprob(token=(t := self.token_text(x.token_id)), logprob=x.logprob, bytes=list(t.encode()))
-               for x in s.top]
-        return TokenLogprobEntry(token=token, logprob=s.logprob, bytes=list(token.encode()), top_logprobs=top)
+        top = [TopLogprob(token=(t := self.token_text(x.token_id)), logprob=x.logprob,
+                          bytes=self.token_bytes(x.token_id, t)) for x in s.top]
+        return TokenLogprobEntry(token=token, logprob=s.logprob, bytes=self.token_bytes(s.token_id, token),
+                                 top_logprobs=top)
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: each of the 256 bytes is spelled by one printable character."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs = list(bs)
+    unprintable = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + unprintable)
+            unprintable += 1
+    return {chr(c): b for b, c in zip(bs, cs)}

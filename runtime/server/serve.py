@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from http import HTTPStatus
+from typing import Any
 
 import structlog
 from aiohttp import web
-
+from aiohttp.web_protocol import RequestHandler
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, build_app
+from conveyor.runtime.server.errors import ApiError
 
 log = structlog.get_logger("conveyor.server")
 
@@ -27,8 +30,33 @@ ABORT_GRACE_S = 5.0  # after aborting: time for handlers to write their last chu
 def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: aiohttp otherwise lets a handler run on after its client left, and a
     # non-streaming request would hold its KV pages until it finished; cancelled, it aborts.
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=ABORT_GRACE_S,
-                         handle_signals=False)
+    return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=ABORT_GRACE_S,
+                   handle_signals=False, keepalive_timeout=app[STATE].settings.keepalive_timeout)
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's HTTP parser answers malformed requests itself, in plain text; say it in OpenAI's shape."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response already began
+        text = "Internal server error." if status == 500 else (getattr(exc, "message", None) or message
+                                                               or HTTPStatus(status).phrase)
+        resp = ApiError(status, str(text), code="bad_http_request" if status != 500 else "internal_error").response()
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # the same server; only the protocol it makes differs
+        return server
 
 
 async def serve(config: EngineConfig, settings: ServerSettings) -> int:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 import structlog
-
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import Request
@@ -136,10 +135,23 @@ def _aborted(req: Request, last: RequestOutput | None, now: float) -> RequestOut
     )
 
 
-async def watch_engine(engine: AsyncEngine, inflight: InFlight, period_s: float = 0.5) -> None:
-    """Fail in-flight requests if the engine thread dies; its streams would otherwise wait forever."""
+async def watch_engine(engine: AsyncEngine, inflight: InFlight, period_s: float = 0.5,
+                       stall_timeout: float = 60.0) -> None:
+    """Fail in-flight requests if the engine thread dies (its streams would otherwise wait forever);
+    log once per stall what the engine holds when it makes no progress with work waiting."""
+    stalled = False
     while engine.is_alive:
         await asyncio.sleep(period_s)
+        now_stalled = engine.stalled_for() > stall_timeout
+        if now_stalled and not stalled:
+            s = engine.stats()
+            log.error("engine stalled: no progress with requests waiting", stalled_s=round(engine.stalled_for(), 1),
+                      in_flight=len(inflight.ids), running=s.num_running, waiting=s.num_waiting,
+                      kv_pages_used=s.kv_pages_used, kv_pages_promised=s.kv_pages_promised,
+                      kv_pages_total=s.kv_pages_total)
+        elif stalled and not now_stalled:
+            log.info("engine progressing again")
+        stalled = now_stalled
     if inflight.ids:
         log.error("engine thread died; failing in-flight requests", count=len(inflight.ids))
     inflight.fail_all(EngineDeadError("the engine stopped running"))

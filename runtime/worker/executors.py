@@ -22,9 +22,9 @@ import torch
 from conveyor.memory import SwapOp
 from conveyor.model.sampling import Logprobs, SamplerOutput
 from conveyor.runtime.engine.executor import BatchResult, PromptLogprobRows
-from conveyor.runtime.worker.model_runner import PreparedBatch
+from conveyor.runtime.worker.model_runner import PreparedBatch, check_sampling_params
 from conveyor.runtime.worker.worker import Worker
-from conveyor.scheduler import ScheduledBatch
+from conveyor.scheduler import SamplingParams, ScheduledBatch
 
 
 class Launched(NamedTuple):
@@ -59,6 +59,13 @@ class _WorkerExecutor:
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
         assert self.runner.swapper is not None, "a swap was scheduled without a swapper"
         self.runner.swapper.run(ops)
+
+    def drop_swapped(self) -> None:
+        if self.runner.swapper is not None:
+            self.runner.swapper.host.clear()
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        check_sampling_params(params)
 
     def fill_grammar_mask(self, launched: Launched) -> float | None:
         grammar = launched.prepared.grammar

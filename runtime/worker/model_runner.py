@@ -24,7 +24,7 @@ from conveyor.model.sampling import (
     sample_with_logprobs,
 )
 from conveyor.runtime.worker.grammar_mask import GrammarBatch
-from conveyor.scheduler import ScheduledBatch, ScheduledSeq
+from conveyor.scheduler import SamplingParams, ScheduledBatch, ScheduledSeq
 
 if TYPE_CHECKING:
     from conveyor.runtime.worker.cuda_graphs import DecodeGraphs
@@ -231,6 +231,13 @@ class ModelRunner:
         out = sample_with_logprobs(logits, sampling, self.generator)
         self.token_pool.scatter(prepared.sample_slots, prepared.sample_positions, out.token_ids)
         return out
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """Build one row of the sampling tensors on the CPU; raises for parameters the sampler cannot
+    take, so the engine can blame one request instead of failing a whole batch."""
+    SamplingBatch.build([params.temperature], [params.top_k], [params.top_p], [params.min_p], [params.seed], [0])
+    torch.tensor([params.presence_penalty, params.frequency_penalty, params.repetition_penalty], dtype=torch.float32)
 
 
 PROMPT_LOGITS_ROWS = 256

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from conveyor.memory import SwapOp
 from conveyor.runtime.engine.executor import BatchResult, KVLayout
 from conveyor.runtime.tools.simulator.cost_model import CostModel
-from conveyor.scheduler import ScheduledBatch, ScheduledSeq
+from conveyor.scheduler import SamplingParams, ScheduledBatch, ScheduledSeq
 
 SIM_EOS = 1  # the simulated model's EOS id; every other sample is id 0
 
@@ -58,6 +58,12 @@ class SimulatedExecutor:
 
     def fill_grammar_mask(self, launched: BatchResult) -> None:
         return None  # simulated requests carry no grammar
+
+    def drop_swapped(self) -> None:
+        pass
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        pass  # the simulated sampler takes anything
 
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
         raise AssertionError("the simulator recomputes preempted requests; it never swaps")
