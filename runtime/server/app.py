@@ -201,9 +201,12 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
         raise ApiError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout",
                        headers={"Connection": "close"}) from None
     try:
-        obj = msgspec.json.decode(raw)
-        check_unknown_fields(obj, kind, request.app[STATE].settings.ignore_unknown_fields, request.path)
-        return msgspec.convert(obj, type=kind)
+        # Typed first, so a bad value's error names its field (an untyped decode of 1e999 cannot);
+        # then untyped, to find the names the wire types do not know.
+        body = msgspec.json.decode(raw, type=kind)
+        check_unknown_fields(msgspec.json.decode(raw), kind, request.app[STATE].settings.ignore_unknown_fields,
+                             request.path)
+        return body
     except msgspec.ValidationError as e:
         raise from_validation_error(e) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
