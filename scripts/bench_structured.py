@@ -108,6 +108,7 @@ def run(config, prompts, out_lens, constrained: bool) -> dict:
     import torch
 
     from conveyor.runtime import LLM
+    from conveyor.runtime.build import release_device_memory
     from conveyor.runtime.engine.step_stats import OverlapSummary
 
     llm = LLM(**{k: getattr(config, k) for k in config.__struct_fields__})
@@ -139,6 +140,8 @@ def run(config, prompts, out_lens, constrained: bool) -> dict:
         bad = [o for o in outs if not _valid_prefix(o.text)]
         result["invalid_outputs"] = len(bad)
     llm.close()
+    del llm, core, outs
+    release_device_memory()  # the next arm sizes its KV pool from a clean GPU
     return result
 
 
