@@ -2,12 +2,22 @@
 
 from memory.index_allocator import IndexAllocator, OutOfIndices
 from memory.kv_cache_manager import KVCacheManager, IntegrityError
-from memory.kv_pool import KVPool, kv_bytes_per_token
-from memory.pinned_staging import PinnedStaging
 from memory.radix_cache import PrefixMatch, RadixCache
 from memory.swap_space import SwapKind, SwapOp, SwapSpace
 from memory.reservation import ConservativeReservation, DynamicReservation, ReservationPolicy, make_reservation
-from memory.token_pool import TokenPool
+
+# The device-side pools import torch; the scheduler needs none of them, and the CLI parses flags
+# through the scheduler's imports, so they load on first use.
+_LAZY = {"KVPool": "memory.kv_pool", "kv_bytes_per_token": "memory.kv_pool",
+         "PinnedStaging": "memory.pinned_staging", "TokenPool": "memory.token_pool"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'memory' has no attribute {name!r}")
 
 __all__ = [
     "ConservativeReservation",
