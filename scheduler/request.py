@@ -49,6 +49,7 @@ class Request:
     num_inflight: int = 0  # launched batches holding this request whose outputs are not processed yet
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     swapped: tuple[int, int] | None = None  # (swap handle, tokens whose KV it holds) while swapped out
+    scheduled_time: float | None = None  # first admission to the running batch (ends the queue time)
     first_token_time: float | None = None
     finish_time: float | None = None
 

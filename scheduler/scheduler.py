@@ -196,6 +196,8 @@ class Scheduler:
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
         req.status = RequestStatus.RUNNING
+        if req.scheduled_time is None:
+            req.scheduled_time = self.clock()
         self.running.append(req)
 
     def _swap_out(self, req: Request) -> None:

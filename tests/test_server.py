@@ -158,13 +158,17 @@ async def collect(events: AsyncIterator[bytes]) -> list[bytes]:
 
 
 async def metrics(session: aiohttp.ClientSession, server: Server) -> dict[tuple[str, tuple], float]:
+    """One scrape as {(name, labels): value}; every series must name the model, which is then dropped."""
     async with session.get(server.url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
-    }
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            assert s.labels.get("model_name") == server.model, (s.name, s.labels)
+            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 def prompt_len(engine: AsyncEngine, text: str) -> int:
@@ -382,8 +386,23 @@ async def test_metrics_move(tiny: Server, http: aiohttp.ClientSession) -> None:
     assert delta("conveyor:prompt_tokens_total") == 3
     assert delta("conveyor:generation_tokens_total") == 4
     assert delta("conveyor:time_to_first_token_seconds_count") == 1
-    assert delta("conveyor:time_per_output_token_seconds_count") == 1
+    # vLLM's meanings: inter-token latency (and its old name) one sample per token after the first,
+    # the per-request mean under request_time_per_output_token_seconds.
+    assert delta("conveyor:inter_token_latency_seconds_count") == 3
+    assert delta("conveyor:time_per_output_token_seconds_count") == 3
+    assert delta("conveyor:request_time_per_output_token_seconds_count") == 1
     assert delta("conveyor:e2e_request_latency_seconds_count") == 1
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"conveyor:request_{phase}_time_seconds_count") == 1, phase
+    assert delta("conveyor:request_prompt_tokens_sum") == 3 and delta("conveyor:request_prompt_tokens_count") == 1
+    assert delta("conveyor:request_generation_tokens_sum") == 4
+    assert delta("conveyor:request_max_num_generation_tokens_sum") == 4
+    assert delta("conveyor:request_params_max_tokens_sum") == 4
+    assert delta("conveyor:iteration_tokens_total_sum") == 3 + 3  # one prefill of 3, then 3 decodes
+    assert delta("conveyor:http_request_duration_seconds_count", handler="/v1/completions", method="POST",
+                 status="200") == 1
+    info = [k for k in after if k[0] == "conveyor:cache_config_info"]
+    assert len(info) == 1 and dict(info[0][1])["block_size"] == "16" and after[info[0]] == 1
     assert delta("conveyor:e2e_request_latency_seconds_sum") > 0
     assert delta("conveyor:http_responses_total", status="200") >= 2  # the request and the first scrape
     assert delta("conveyor:http_responses_total", status="400") == 1
