@@ -119,6 +119,9 @@ class ServerState:
             raise ApiError(429, f"Too many requests waiting ({waiting}); retry later.", code="queue_full",
                            headers=retry)
         self.inflight.admit([r.request_id for r in plan.requests])
+        log.debug("request admitted", response_id=plan.response_id, choices=len(plan.requests),
+                  prompt_tokens=plan.num_prompt_tokens, max_tokens=plan.requests[0].max_new_tokens if plan.requests
+                  else None, stream=plan.stream, waiting=waiting)
 
     def request_output(self, out: RequestOutput) -> None:
         now = time.monotonic()

@@ -139,7 +139,12 @@ def _allowed_origin(allowed: tuple[str, ...], origin: str) -> str | None:
 
 def _log_rejection(request: web.Request, err: ApiError) -> None:
     # 4xx is the client's doing (warning); 5xx is ours (error). Either way one line says why.
-    fn = log.error if err.status >= 500 and err.code not in ("loading", "shutting_down", "queue_full") else log.warning
+    if err.code == "loading" and request.path in _QUIET:  # a prober waiting out the load, every second
+        fn = log.debug
+    elif err.status >= 500 and err.code not in ("loading", "shutting_down", "queue_full", "unhealthy"):
+        fn = log.error
+    else:
+        fn = log.warning
     fn("request rejected", method=request.method, path=request.path, status=err.status, code=err.code,
        param=err.param, message=err.message)
 
