@@ -204,6 +204,7 @@ ROUTES: list[tuple[str, str, type | None, type | None, type | None, str]] = [
     ("get", "/server_info", None, ServerInfo, None, "Engine configuration, model and versions."),
     ("get", "/health", None, None, None, "200 when serving; 503 while loading, draining or dead."),
     ("get", "/metrics", None, None, None, "Prometheus metrics (text format)."),
+    ("get", "/openapi.json", None, None, None, "This document."),
 ]
 
 
@@ -228,6 +229,8 @@ def openapi_spec() -> dict[str, Any]:
             content["text/event-stream"] = {"schema": ref[chunk]}
         if path == "/metrics":
             content["text/plain"] = {"schema": {"type": "string"}}
+        if path == "/openapi.json":
+            content["application/json"] = {"schema": {"type": "object"}}
         ok: dict[str, Any] = {"description": "Success."}
         if content:
             ok["content"] = content
