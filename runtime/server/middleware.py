@@ -35,7 +35,7 @@ _REQUEST_ID_KEY = web.RequestKey("x_request_id", str)
 _GOOD_ID = re.compile(r"[A-Za-z0-9._:/=+\-]{1,128}")  # echoed in a header and logged: nothing else gets through
 # Routes that answer while the model loads: what a prober or scraper needs before the engine exists.
 _OPEN_WHILE_LOADING = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/ping"})
-# Probes and scrapes come every few seconds: their 200s are access-logged at debug, not info.
+# Probes and scrapes come every few seconds: their access lines are debug, not info.
 _QUIET = frozenset({"/health", "/metrics", "/ping"})
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
@@ -73,7 +73,8 @@ def middlewares(state_of: StateOf) -> list[Callable[[web.Request, Handler], Awai
                 resp = ApiError(500, "Internal server error.", code="internal_error").response()
             elapsed = time.perf_counter() - start
             state.metrics.observe(_handler_name(request), request.method, resp.status, elapsed)
-            level = "debug" if request.path in _QUIET and resp.status == 200 else "info"
+            # A prober polls, and may poll fast while the model loads: its lines must not flood the log.
+            level = "debug" if request.path in _QUIET and (resp.status < 500 or state.engine is None) else "info"
             getattr(access_log, level)(
                 "http request", method=request.method, path=request.path, status=resp.status,
                 duration_s=round(elapsed, 4), bytes=_body_bytes(resp), remote=request.remote,
