@@ -218,7 +218,7 @@ class EngineCore:
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer, tuple(sorted(eos)))
         self.inputs = InputProcessor(self.tokenizer, max_len, self.model.output_vocab)
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
-        self.on_step: Callable[[int], None] | None = None  # told each finished batch's token count (metrics)
+        self.step_observers: list[Callable[[int], None]] = []  # told each finished batch's token count (metrics)
         log.info(
             "engine ready", model=self.model_name, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             kv_pages=self.kv_pool.usable_pages, block_size=config.block_size, max_model_len=max_len,
@@ -354,8 +354,8 @@ class EngineCore:
         t4 = clock()
         outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         self.scheduler.batch_done(done.batch)
-        if self.on_step is not None:
-            self.on_step(done.batch.num_tokens)
+        for observe in self.step_observers:
+            observe(done.batch.num_tokens)
         idle = 0.0
         if self._last_device_end and done.busy:
             idle = max(0.0, result.device_start - self._last_device_end)

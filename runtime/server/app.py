@@ -97,7 +97,8 @@ class ServerState:
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.engine_metrics = self.metrics.attach(engine)
-        engine.core.on_step = self.engine_metrics.iteration_tokens.observe  # engine thread; the histogram locks
+        # Called on the engine thread; the histogram takes its own lock.
+        engine.core.step_observers.append(self.engine_metrics.iteration_tokens.observe)
         if self.running:
             self._start_tasks()
 
@@ -180,6 +181,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         state._start_tasks()
     yield
     state.running = False
+    if state.engine is not None and state.engine_metrics is not None:
+        observers = state.engine.core.step_observers
+        if state.engine_metrics.iteration_tokens.observe in observers:
+            observers.remove(state.engine_metrics.iteration_tokens.observe)
     for task in state.tasks:
         task.cancel()
     await asyncio.gather(*state.tasks, return_exceptions=True)
