@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from conveyor.runtime.engine_args import add_engine_args, engine_config, parse_bytes
-from conveyor.runtime.logging import configure_logging
+from conveyor.runtime.logging import LEVELS, configure_logging
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +95,9 @@ async def _serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         keepalive_timeout=args.keepalive_timeout, body_timeout=args.body_timeout, write_timeout=args.write_timeout,
         stall_timeout=args.stall_timeout, input_workers=args.input_workers,
+        api_key=args.api_key or os.environ.get("CONVEYOR_API_KEY") or None, open_paths=tuple(args.open_paths),
+        allowed_origins=tuple(args.allowed_origins), metrics_prefix=args.metrics_prefix,
+        stats_interval_s=args.stats_interval,
     )
     return await serve(engine_config(args), settings)
 
@@ -130,13 +134,34 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        "requests waiting (default: 60)")
     group.add_argument("--input-workers", type=int, default=2,
                        help="threads that tokenize and chat-template prompts off the event loop (default: 2)")
+    group.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` (401 otherwise); default: $CONVEYOR_API_KEY, "
+                       "else no auth")
+    group.add_argument("--open-paths", type=_csv, default=["/health", "/metrics"],
+                       help="comma-separated paths answered without the API key (default: /health,/metrics; "
+                       "'' for none)")
+    group.add_argument("--allowed-origins", type=_csv, default=[],
+                       help="comma-separated origins allowed to call from a browser (CORS), or '*' "
+                       "(default: none)")
+    group.add_argument("--metrics-prefix", choices=["conveyor", "vllm"], default="conveyor",
+                       help="name prefix of the series vLLM also has; vllm makes vLLM's Grafana dashboard work "
+                       "unchanged (default: conveyor)")
+    group.add_argument("--stats-interval", type=float, default=10.0,
+                       help="seconds between engine-stats log lines (throughput, running, waiting, KV use); "
+                       "0: off (default: 10)")
     # Also accepted after the subcommand; SUPPRESS keeps `conveyor --log-level X serve` working.
-    group.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    group.add_argument("--log-level", default=argparse.SUPPRESS, choices=list(LEVELS),
+                       help="debug adds probe/scrape access lines, idle stats lines and per-request admission "
+                       "lines (default: info)")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference runtime")
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", default=None, choices=list(LEVELS),
                         help="default: info for serve (one line per request), warning otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conveyor.memory.device import kv_bytes_per_token
 from conveyor.model import resolve_model
 from conveyor.model.default_model import default_model_dir
@@ -45,14 +44,12 @@ def default_dir() -> Path:
     return default_model_dir()
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory, default_dir: Path) -> Path:
+def save_tiny_chat_model(out: Path, default_dir: Path, hidden: int = 64, heads: int = 4) -> Path:
     """A tiny random Llama that speaks through SmolLM2's tokenizer and chat template (fast, has text)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-chat")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=heads // 2, tie_word_embeddings=True,
                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
@@ -60,6 +57,11 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory, default_dir: Path) -
         if (default_dir / f).exists():
             shutil.copy(default_dir / f, out / f)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory, default_dir: Path) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), default_dir)
 
 
 def kv_bytes_for_pages(model: str, pages: int, block_size: int = 16) -> int:

@@ -138,9 +138,8 @@ class HFOracle:
     """A transformers model (bf16, sdpa) with the same random weights the engine loads from disk."""
 
     def __init__(self, preset_name: str, directory) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         from conveyor.model.presets import preset
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = AutoConfig.for_model(**preset(preset_name))
         torch.manual_seed(0)
@@ -338,12 +337,15 @@ def test_prefix_cache_and_swap_on_gpu(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
-def test_structured_outputs_agree_across_depths_on_gpu(monkeypatch, tiny_chat_dir, enforce_eager):
+def test_structured_outputs_agree_across_depths_on_gpu(monkeypatch, tmp_path, default_dir, enforce_eager):
     """Grammar batches on CUDA: forward launched at once, sampling deferred until the mask is filled,
     later batches held back in launch order (CudaExecutor._pump). Batch-invariant, so depths 1-3 give
     identical tokens; with decode graphs on and off; no hidden sync on the launch path."""
+    from tests.conftest import save_tiny_chat_model
     from tests.test_structured import SPECS, _valid
 
+    # head_dim 64: the FlashInfer kernels the GPU kit ships are built for head_dim 64 and 128.
+    chat_dir = save_tiny_chat_model(tmp_path, default_dir, hidden=256, heads=4)
     monkeypatch.setenv("CONVEYOR_DEBUG_POISON", "1")
     monkeypatch.setenv("CONVEYOR_DEBUG_SYNC", "1")
     rng = random.Random(5)
@@ -355,7 +357,7 @@ def test_structured_outputs_agree_across_depths_on_gpu(monkeypatch, tiny_chat_di
               for i, k in enumerate(kinds)]
     results = {}
     for depth in (1, 2, 3):
-        llm = LLM(str(tiny_chat_dir), max_model_len=512, max_num_seqs=32, pipeline_depth=depth,
+        llm = LLM(str(chat_dir), max_model_len=512, max_num_seqs=32, pipeline_depth=depth,
                   batch_invariant=True, enforce_eager=enforce_eager)
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert llm.core.grammar_mask_batches > 0

@@ -18,11 +18,18 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
-
 from conveyor.runtime.tools.loadgen import amain
 from conveyor.runtime.tools.loadgen.arrivals import arrival_offsets, read_length_rows, trace_offsets
 from conveyor.runtime.tools.loadgen.client import RequestRecord
-from conveyor.runtime.tools.loadgen.report import RunResult, meets_slo, parse_slo, summarize
+from conveyor.runtime.tools.loadgen.main import build_parser
+from conveyor.runtime.tools.loadgen.report import (
+    RunResult,
+    meets_slo,
+    parse_slo,
+    peak_concurrency,
+    peak_output_per_s,
+    summarize,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = {"date": "", "base_url": "", "endpoint": "", "model": "m", "workload": "random", "request_rate": "inf",
@@ -141,6 +148,9 @@ class FakeServer:
         self.arrived = self.in_flight = self.max_in_flight = 0
         self.changed = asyncio.Condition()
         self.bodies: list[dict] = []
+        self.auth: list[str | None] = []  # each request's Authorization header
+        self.not_ready = 0  # /v1/models answers 503 this many times first (a server still loading)
+        self.on_arrival: Callable[[], None] | None = None
 
     @staticmethod
     def token_chunks(body: dict) -> list[bytes]:
@@ -154,6 +164,9 @@ class FakeServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.auth.append(request.headers.get("Authorization"))
+        if self.on_arrival is not None:
+            self.on_arrival()
         n = self.arrived
         self.arrived += 1
         self.in_flight += 1
@@ -186,6 +199,9 @@ class FakeServer:
             self.in_flight -= 1
 
     async def models(self, request: web.Request) -> web.Response:
+        if self.not_ready > 0:
+            self.not_ready -= 1
+            return web.json_response({"error": {"message": "loading"}}, status=503)
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
 
@@ -295,6 +311,68 @@ async def test_rate_sweep_writes_json_per_rate_and_latency_vs_rate_plot(serve_ap
     for rate in ("200.0", "400.0"):
         assert msgspec.json.decode((tmp_path / f"out-rate{rate}.json").read_bytes(), type=RunResult).completed == 4
     assert (tmp_path / "plots" / "latency_vs_rate.png").read_bytes()[:8] == PNG_MAGIC
+
+
+async def test_api_key_extra_body_and_warmups(serve_app, monkeypatch):
+    fake = FakeServer(total=6)
+    url = await serve_app(fake)
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    [res] = await amain(base_args(url, 4) + ["--extra-body", '{"top_k": 5, "temperature": 0.5}',
+                                             "--num-warmups", "2"])
+    assert fake.arrived == 6 and len(res.requests) == res.completed == 4  # warm-ups sent, not measured
+    assert set(fake.auth) == {"Bearer from-env"}
+    assert all(b["top_k"] == 5 and b["temperature"] == 0.5 for b in fake.bodies)  # extra body wins
+    fake2 = FakeServer(total=1)
+    url2 = await serve_app(fake2)
+    await amain(base_args(url2, 1) + ["--api-key", "flag-key"])
+    assert fake2.auth == ["Bearer flag-key"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--extra-body", "[1, 2]"])
+
+
+async def test_waits_for_a_loading_server(serve_app):
+    fake = FakeServer(total=2)
+    fake.not_ready = 3
+    url = await serve_app(fake)
+    [res] = await amain(base_args(url, 2) + ["--ready-timeout", "30"])
+    assert fake.not_ready == 0 and res.completed == 2
+    fake.not_ready = 10**6
+    with pytest.raises(ValueError, match="not ready"):
+        await amain(base_args(url, 2) + ["--ready-timeout", "0.3"])
+
+
+async def test_vllm_result_fields(serve_app, tmp_path: Path):
+    fake = FakeServer(total=4, gate=4)  # all four in flight together
+    url = await serve_app(fake)
+    [res] = await amain(base_args(url, 4) + ["--save-generated-texts", "--result-json", str(tmp_path / "r.json")])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["model_id"] == data["model"] == "fake-model"
+    assert data["max_concurrent_requests"] == 4
+    # Every chunk of this fast fake lands within a second or two: the peak second holds most of them.
+    assert 0 < data["max_output_tokens_per_s"] <= res.total_output_tokens
+    assert data["generated_texts"] == ["a" * r.output_len for r in res.requests]
+    [plain] = await amain(base_args(url, 1))
+    assert plain.generated_texts is None
+
+
+def test_peak_concurrency_and_output_rate_by_hand():
+    def rec(start: float, ttft: float, itl: list[float]) -> RequestRecord:
+        return RequestRecord(index=0, prompt_len=1, output_len=len(itl) + 1, start_s=start, ttft_s=ttft, itl_s=itl,
+                             e2e_s=ttft + sum(itl), output_tokens=len(itl) + 1, status=200)
+
+    records = [rec(0.0, 0.1, [0.1, 0.1]), rec(0.2, 0.1, [0.2]), rec(2.0, 0.5, [])]
+    assert peak_concurrency(records) == 2  # [0, 0.3] overlaps [0.2, 0.5]; [2.0, 2.5] is alone
+    assert peak_output_per_s(records) == 5.0  # second 0 holds 0.1, 0.2, 0.3 and 0.3, 0.5; second 2 one
+
+
+async def test_each_rate_is_written_when_it_finishes(serve_app, tmp_path: Path):
+    fake = FakeServer(total=4)
+    url = await serve_app(fake)
+    first = tmp_path / "out-rate300.0.json"
+    seen: list[bool] = []
+    fake.on_arrival = lambda: seen.append(first.exists())
+    await amain(base_args(url, 2) + ["--request-rate", "300,600", "--result-json", str(tmp_path / "out.json")])
+    assert seen == [False, False, True, True]  # the second rate's requests found the first rate's file
 
 
 # -- the real server ------------------------------------------------------------------------

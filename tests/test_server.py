@@ -28,13 +28,12 @@ import pytest
 import pytest_asyncio
 import torch
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-from structlog.testing import capture_logs
-
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, build_app
 from conveyor.runtime.server.serve import make_runner
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -45,9 +44,8 @@ TINY_MAX_LEN = 1024
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with SmolLM2's vocabulary, tokenizer and chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conveyor.model.default_model import default_model_dir
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-chat")
     cfg = LlamaConfig(
@@ -158,13 +156,17 @@ async def collect(events: AsyncIterator[bytes]) -> list[bytes]:
 
 
 async def metrics(session: aiohttp.ClientSession, server: Server) -> dict[tuple[str, tuple], float]:
+    """One scrape as {(name, labels): value}; every series must name the model, which is then dropped."""
     async with session.get(server.url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
-    }
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            assert s.labels.get("model_name") == server.model, (s.name, s.labels)
+            labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 def prompt_len(engine: AsyncEngine, text: str) -> int:
@@ -383,8 +385,23 @@ async def test_metrics_move(tiny: Server, http: aiohttp.ClientSession) -> None:
     assert delta("conveyor:prompt_tokens_total") == 3
     assert delta("conveyor:generation_tokens_total") == 4
     assert delta("conveyor:time_to_first_token_seconds_count") == 1
-    assert delta("conveyor:time_per_output_token_seconds_count") == 1
+    # vLLM's meanings: inter-token latency (and its old name) one sample per token after the first,
+    # the per-request mean under request_time_per_output_token_seconds.
+    assert delta("conveyor:inter_token_latency_seconds_count") == 3
+    assert delta("conveyor:time_per_output_token_seconds_count") == 3
+    assert delta("conveyor:request_time_per_output_token_seconds_count") == 1
     assert delta("conveyor:e2e_request_latency_seconds_count") == 1
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"conveyor:request_{phase}_time_seconds_count") == 1, phase
+    assert delta("conveyor:request_prompt_tokens_sum") == 3 and delta("conveyor:request_prompt_tokens_count") == 1
+    assert delta("conveyor:request_generation_tokens_sum") == 4
+    assert delta("conveyor:request_max_num_generation_tokens_sum") == 4
+    assert delta("conveyor:request_params_max_tokens_sum") == 4
+    assert delta("conveyor:iteration_tokens_total_sum") == 3 + 3  # one prefill of 3, then 3 decodes
+    assert delta("conveyor:http_request_duration_seconds_count", handler="/v1/completions", method="POST",
+                 status="200") == 1
+    info = [k for k in after if k[0] == "conveyor:cache_config_info"]
+    assert len(info) == 1 and dict(info[0][1])["block_size"] == "16" and after[info[0]] == 1
     assert delta("conveyor:e2e_request_latency_seconds_sum") > 0
     assert delta("conveyor:http_responses_total", status="200") >= 2  # the request and the first scrape
     assert delta("conveyor:http_responses_total", status="400") == 1

@@ -153,6 +153,7 @@ class EngineCore:
         self.grammar_mask_s = 0.0  # host time filling structured-output masks, since start
         self.grammar_mask_batches = 0
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
+        self.step_observers: list[Callable[[int], None]] = []  # told each finished batch's token count (metrics)
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, req: Request) -> RequestOutput | None:
@@ -245,6 +246,8 @@ class EngineCore:
         except Exception as e:
             raise _BatchFailed(done.batch, e) from e
         self.scheduler.batch_done(done.batch)
+        for observe in self.step_observers:
+            observe(done.batch.num_tokens)
         self.last_progress = time.monotonic()
         self._consecutive_failures = 0
         self._fill_grammar_masks()

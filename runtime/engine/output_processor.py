@@ -142,6 +142,7 @@ class OutputProcessor:
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
+            scheduled_time=req.admit_time,
             first_token_time=req.first_token_time,
             finish_time=req.finish_time,
             error=error,

@@ -39,6 +39,7 @@ class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
     num_output_tokens: int
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival_time: float
+    scheduled_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None

@@ -1,7 +1,8 @@
 """The aiohttp app: OpenAI routes, admission (backpressure, draining), health and metrics.
 
 ``build_app(engine, settings)`` only builds the app; ``serve.py`` runs it next to the engine.
-Handlers raise ``ApiError`` for anything a client did wrong; one middleware renders it.
+``build_app(None, settings)`` serves 503 "loading" until ``attach_engine``. Handlers raise
+``ApiError`` for anything a client did wrong; ``middleware.py`` renders it, logs and measures.
 Nothing heavy runs on the event loop: prompts are tokenized and chat-templated in a small thread
 pool (the tokenizer releases the GIL), after the cheap length checks. A client that stops
 reading a stream for ``write_timeout`` seconds is cut off and its requests aborted.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import TypeVar
@@ -19,27 +20,25 @@ from typing import TypeVar
 import msgspec
 import structlog
 from aiohttp import web
+
 from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
+from conveyor.runtime.server.endpoints import add_routes
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
 from conveyor.runtime.server.fields import check_unknown_fields
 from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
-from conveyor.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from conveyor.runtime.server.metrics import CONTENT_TYPE, PREFIXES, EngineMetrics, HttpMetrics
+from conveyor.runtime.server.middleware import middlewares, on_response_prepare
 from conveyor.runtime.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorBody,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
+    ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
 )
 from conveyor.runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
+from conveyor.runtime.server.stats_log import StatsLogger
 from conveyor.runtime.server.streams import InFlight, run_choices, watch_engine
 
 log = structlog.get_logger("conveyor.server")
 
 Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -65,6 +64,11 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     write_timeout: float = 30.0  # a stream whose client reads nothing for this long is aborted
     stall_timeout: float = 60.0  # /health says 503 after this long without engine progress while work waits
     input_workers: int = 2  # threads that tokenize and template prompts
+    api_key: str | None = None  # None: no auth; else every path but open_paths wants "Bearer <key>"
+    open_paths: tuple[str, ...] = ("/health", "/metrics")  # answered without the key
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins a browser may call from; "*" for any
+    metrics_prefix: str = "conveyor"  # "vllm": vLLM's names for the series both engines have
+    stats_interval_s: float = 10.0  # the periodic engine-stats log line; 0: off
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -78,19 +82,53 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be > 0")
         if self.input_workers < 1:
             raise ValueError("input_workers must be >= 1")
+        if self.metrics_prefix not in PREFIXES:
+            raise ValueError(f"metrics_prefix must be one of {', '.join(PREFIXES)}, got {self.metrics_prefix!r}")
+        if self.stats_interval_s < 0:
+            raise ValueError("stats_interval_s must be >= 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
 
 
 class ServerState:
     """What the handlers share: the engine, settings, metrics and the in-flight record."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine | None, settings: ServerSettings, loading_name: str = "") -> None:
+        # None only while the model loads; the loading middleware keeps handlers from seeing it.
+        self.engine: AsyncEngine = engine  # type: ignore[assignment]
         self.settings = settings
-        self.metrics = ServerMetrics(engine)
+        self.loading_name = loading_name  # the model_name label before the engine can say it
+        self.metrics = HttpMetrics(settings.metrics_prefix, self.model_name)
+        self.engine_metrics: EngineMetrics | None = None
         self.inflight = InFlight()
         self.draining = False  # set by serve.py on SIGINT/SIGTERM: refuse new work, finish old
         self.created = int(time.time())
         self.inputs = ThreadPoolExecutor(settings.input_workers, thread_name_prefix="conveyor-inputs")
+        self.tasks: list[asyncio.Task[None]] = []
+        self.running = False  # the app has started (its background tasks may run)
+        self._last_output_at: dict[str, float] = {}  # request id -> when its previous delta came
+
+    def model_name(self) -> str:
+        return self.engine.model_name if self.engine is not None else self.loading_name
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.engine.model_name, created=self.created, max_model_len=self.engine.max_model_len,
+                         root=self.engine.config.model)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.engine_metrics = self.metrics.attach(engine)
+        # Called on the engine thread; the histogram takes its own lock.
+        engine.core.step_observers.append(self.engine_metrics.iteration_tokens.observe)
+        if self.running:
+            self._start_tasks()
+
+    def _start_tasks(self) -> None:
+        self.tasks.append(asyncio.create_task(watch_engine(self.engine, self.inflight,
+                                                          stall_timeout=self.settings.stall_timeout)))
+        if self.settings.stats_interval_s > 0:
+            logger = StatsLogger(self.engine, self.engine_metrics)
+            self.tasks.append(asyncio.create_task(logger.run(self.settings.stats_interval_s)))
 
     def admit(self, plan: Plan) -> None:
         """Let a plan's requests in, or refuse them; no await between the check and the record."""
@@ -108,9 +146,24 @@ class ServerState:
             raise ApiError(429, f"Too many requests waiting ({waiting}); retry later.", code="queue_full",
                            headers=retry)
         self.inflight.admit([r.request_id for r in plan.requests])
+        log.debug("request admitted", response_id=plan.response_id, choices=len(plan.requests),
+                  prompt_tokens=plan.num_prompt_tokens, max_tokens=plan.requests[0].max_new_tokens if plan.requests
+                  else None, stream=plan.stream, waiting=waiting)
+
+    def request_output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        prev = self._last_output_at.get(out.request_id)
+        if out.finished:
+            self._last_output_at.pop(out.request_id, None)
+        else:
+            self._last_output_at[out.request_id] = now
+        assert self.engine_metrics is not None
+        self.engine_metrics.observe_output(out, prev, now)
 
     def request_finished(self, out: RequestOutput) -> None:
-        self.metrics.observe_finished(out)
+        self._last_output_at.pop(out.request_id, None)
+        assert self.engine_metrics is not None
+        self.engine_metrics.observe_finished(out)
         ttft = out.first_token_time - out.arrival_time if out.first_token_time is not None else None
         e2e = out.finish_time - out.arrival_time if out.finish_time is not None else None
         log.info("request finished", request_id=out.request_id, prompt_tokens=out.num_prompt_tokens,
@@ -121,25 +174,46 @@ class ServerState:
 STATE = web.AppKey("conveyor_state", ServerState)
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> web.Application:
-    state = ServerState(engine, settings or ServerSettings())
+def build_app(engine: AsyncEngine | None, settings: ServerSettings | None = None,
+              loading_name: str = "") -> web.Application:
+    """``engine`` None: the app answers 503 "loading" until ``attach_engine(app, engine)``."""
+    state = ServerState(None, settings or ServerSettings(), loading_name)
+    if engine is not None:
+        state.attach(engine)
     # client_max_size makes aiohttp enforce the limit on bodies that arrive without a length.
-    app = web.Application(client_max_size=state.settings.max_request_body, middlewares=[_errors_middleware])
+    app = web.Application(client_max_size=state.settings.max_request_body,
+                          middlewares=middlewares(lambda request: request.app[STATE]))
     app[STATE] = state
-    app.cleanup_ctx.append(_engine_watchdog)
+    app.on_response_prepare.append(lambda request, response: on_response_prepare(request, response, state))
+    app.cleanup_ctx.append(_background)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    add_routes(app)
     return app
 
 
-async def _engine_watchdog(app: web.Application) -> AsyncIterator[None]:
+def attach_engine(app: web.Application, engine: AsyncEngine) -> None:
+    app[STATE].attach(engine)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The engine watchdog and the stats line, from the app's start (or the engine's, if later)."""
     state = app[STATE]
-    task = asyncio.create_task(watch_engine(state.engine, state.inflight, stall_timeout=state.settings.stall_timeout))
+    state.running = True
+    if state.engine is not None:
+        state._start_tasks()
     yield
-    task.cancel()
+    state.running = False
+    if state.engine is not None and state.engine_metrics is not None:
+        observers = state.engine.core.step_observers
+        if state.engine_metrics.iteration_tokens.observe in observers:
+            observers.remove(state.engine_metrics.iteration_tokens.observe)
+    for task in state.tasks:
+        task.cancel()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
     state.inputs.shutdown(wait=False, cancel_futures=True)
 
 
@@ -165,13 +239,14 @@ async def _off_loop(state: ServerState, make_plan: Callable[[AsyncEngine, Body, 
 
 
 async def _models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    card = ModelCard(id=state.engine.model_name, created=state.created, max_model_len=state.engine.core.max_model_len)
-    return _json(ModelList(data=[card]))
+    return _json(ModelList(data=[request.app[STATE].model_card()]))
 
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if state.engine is None:
+        raise ApiError(503, "The model is loading.", code="loading",
+                       headers={"Retry-After": str(state.settings.retry_after_s)})
     if state.draining or not state.engine.is_alive:
         # 503 while draining too: a load balancer should stop sending before the port closes.
         raise ApiError(503, "shutting down" if state.draining else "engine is not running", code="unhealthy")
@@ -218,12 +293,14 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
 async def _run(request: web.Request, plan: Plan, renderer: Renderer) -> web.StreamResponse:
     state = request.app[STATE]
     state.admit(plan)
-    outputs = run_choices(state.engine, plan.requests, state.inflight, state.request_finished)
+    outputs = run_choices(state.engine, plan.requests, state.inflight, state.request_finished, state.request_output)
     try:
         if plan.stream:
             return await _stream(request, plan, renderer, outputs)
         return await _collect(renderer, outputs)
     finally:
+        if state.engine_metrics is not None:  # finished requests' token lists no longer move
+            state.engine_metrics.observe_plan(plan.requests)
         # run_choices lets go of its requests when it runs; this covers a stream that never started.
         for req in plan.requests:
             state.inflight.done(req.request_id)
@@ -298,25 +375,6 @@ async def _stream(request: web.Request, plan: Plan, renderer: Renderer,
 
 def _error_event(message: str, code: str) -> bytes:
     return sse(ErrorResponse(error=ErrorBody(message=message, type="server_error", code=code)))
-
-
-@web.middleware
-async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[STATE]
-    try:
-        resp = await handler(request)
-    except ApiError as e:
-        resp = e.response()
-    except web.HTTPException as e:  # aiohttp's own: unknown route (404), wrong method (405), ...
-        if e.status < 400:
-            raise
-        resp = ApiError(e.status, e.reason, code=None, headers={k: v for k, v in e.headers.items()
-                                                                if k == "Allow"}).response()
-    except Exception:
-        log.exception("unhandled error in handler", path=request.path)
-        resp = ApiError(500, "Internal server error.", code="internal_error").response()
-    state.metrics.http_responses.labels(str(resp.status)).inc()
-    return resp
 
 
 def _json(body: msgspec.Struct) -> web.Response:

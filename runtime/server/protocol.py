@@ -299,6 +299,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "conveyor"
+    root: str | None = None  # what was loaded (path or preset), as vLLM's cards say
+    parent: str | None = None  # the base model of an adapter; none here
     max_model_len: int | None = None
 
 

@@ -1,5 +1,8 @@
 """Run the app and the engine in one process, on one event loop, with a graceful shutdown.
 
+The port is bound first: while the model loads, /health says 503 "loading" (a probe can tell a
+slow start from a dead one) and the rest say 503 too; then the engine is attached.
+
 SIGINT/SIGTERM: stop accepting (close the listening socket, /health and new requests say 503),
 give running requests ``shutdown_timeout`` seconds to finish, abort what is left (their streams
 end with ``finish_reason: "abort"`` and ``[DONE]``), then stop the engine and return 0. A second
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from http import HTTPStatus
 from typing import Any
 
@@ -19,7 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
-from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, build_app
+from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, attach_engine, build_app
 from conveyor.runtime.server.errors import ApiError
 
 log = structlog.get_logger("conveyor.server")
@@ -61,8 +63,7 @@ class _Runner(web.AppRunner):
 
 async def serve(config: EngineConfig, settings: ServerSettings) -> int:
     signals = _SignalWatcher()  # before the model loads: a SIGTERM during a slow load still exits 0
-    engine = await AsyncEngine.create(config)
-    app = build_app(engine, settings)
+    app = build_app(None, settings, loading_name=config.served_model_name or config.model)
     state = app[STATE]
     runner = make_runner(app)
     await runner.setup()
@@ -71,12 +72,17 @@ async def serve(config: EngineConfig, settings: ServerSettings) -> int:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        await engine.shutdown()
         raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}") from None
+    log.info("loading model", model=config.model, host=settings.host, port=settings.port)
+    try:
+        engine = await AsyncEngine.create(config)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    attach_engine(app, engine)
 
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"conveyor: serving {engine.model_name} on {url}", file=sys.stderr, flush=True)
-    log.info("serving", model=engine.model_name, host=settings.host, port=settings.port)
+    log.info("serving", model=engine.model_name, url=f"http://{settings.host}:{settings.port}",
+             host=settings.host, port=settings.port)
     await signals.first.wait()
 
     state.draining = True

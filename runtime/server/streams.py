@@ -76,11 +76,13 @@ async def run_choices(
     requests: Sequence[Request],
     inflight: InFlight,
     on_finish: Callable[[RequestOutput], None],
+    on_output: Callable[[RequestOutput], None] | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yield ``(choice index, output delta)`` from all of a plan's requests as they arrive.
 
     ``on_finish`` sees every request's last output exactly once, including a synthesized
-    ``abort`` for a request that the caller stopped reading (a client that went away).
+    ``abort`` for a request that the caller stopped reading (a client that went away);
+    ``on_output`` sees every delta the engine sent, as it arrives (per-token metrics).
     """
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
     last: list[RequestOutput | None] = [None] * len(requests)
@@ -105,6 +107,8 @@ async def run_choices(
                 raise item
             inflight.started(requests[i].request_id)
             last[i] = item
+            if on_output is not None:
+                on_output(item)
             if item.finished:
                 remaining -= 1
                 on_finish(item)
@@ -130,6 +134,7 @@ def _aborted(req: Request, last: RequestOutput | None, now: float) -> RequestOut
         num_prompt_tokens=req.num_prompt_tokens,
         num_output_tokens=last.num_output_tokens if last is not None else 0,
         arrival_time=req.arrival_time,
+        scheduled_time=req.admit_time,
         first_token_time=last.first_token_time if last is not None else None,
         finish_time=now,
     )

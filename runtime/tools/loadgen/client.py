@@ -14,12 +14,12 @@ the server sends one, else from the number of text chunks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import msgspec
-
 from conveyor.runtime.tools.loadgen.workloads import WorkItem
 
 
@@ -78,6 +78,7 @@ class RequestOptions:
     model: str
     ignore_eos: bool = False
     temperature: float = 0.0
+    extra_body: dict | None = None  # merged into every request body last (--extra-body)
 
     @property
     def chat(self) -> bool:
@@ -95,6 +96,8 @@ def request_body(opts: RequestOptions, item: WorkItem) -> dict:
         body.update(prompt=item.prompt, max_tokens=item.output_len)
     if opts.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extension; servers that don't know it ignore it
+    if opts.extra_body:
+        body.update(opts.extra_body)
     return body
 
 
@@ -145,6 +148,29 @@ async def send_completion(session: aiohttp.ClientSession, opts: RequestOptions, 
     except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     return rec
+
+
+async def wait_ready(session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
+    """Poll ``/v1/models`` (every OpenAI-compatible server has it) until it answers 200, for at most ``timeout_s``.
+
+    A server still loading refuses connections (vLLM, SGLang) or answers 503 (Conveyor): both wait.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            async with session.get(base_url.rstrip("/") + "/v1/models") as resp:
+                if resp.status == 200:
+                    return
+                if resp.status in (401, 403):  # waiting will not fix a wrong key
+                    raise ValueError(f"{base_url}/v1/models answered {resp.status}: check --api-key")
+                last = f"status {resp.status}"
+        except aiohttp.ClientConnectionError as e:
+            last = f"{type(e).__name__}: {e}"
+        if loop.time() >= deadline:
+            raise ValueError(f"the server at {base_url} was not ready after {timeout_s:g} s ({last})")
+        await asyncio.sleep(0.2)
 
 
 async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import math
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -13,12 +15,17 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-
+from conveyor.runtime.engine_args import parse_range
 from conveyor.runtime.tools.loadgen import arrivals, workloads
-from conveyor.runtime.tools.loadgen.client import RequestOptions, RequestRecord, first_model, send_completion
+from conveyor.runtime.tools.loadgen.client import (
+    RequestOptions,
+    RequestRecord,
+    first_model,
+    send_completion,
+    wait_ready,
+)
 from conveyor.runtime.tools.loadgen.report import RunResult, format_table, parse_slo, summarize
 from conveyor.runtime.tools.loadgen.runner import run_load
-from conveyor.runtime.engine_args import parse_range
 
 WORKLOADS = ("random", "lengths", *workloads.PRESETS)
 
@@ -31,6 +38,16 @@ def parse_rates(text: str) -> list[float]:
     if not rates or any(r <= 0 for r in rates):
         raise argparse.ArgumentTypeError(f"rates must be positive (or inf): {text!r}")
     return rates
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the served model's tokenizer directory, so prompt lengths are exact in its tokens "
                    "(default: words stand in for tokens)")
     t.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
+    t.add_argument("--api-key", default=None,
+                   help="sent as `Authorization: Bearer KEY` (default: $OPENAI_API_KEY, else none)")
+    t.add_argument("--extra-body", type=parse_json_object, default=None,
+                   help="JSON object merged into every request body, e.g. '{\"top_k\": 20}'")
+    t.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for the server to answer /v1/models before starting (default: 600)")
+    t.add_argument("--num-warmups", type=int, default=0,
+                   help="requests sent (one at a time, not measured) before each run (default: 0)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=WORKLOADS, default="random",
                    help="random: --input-len/--output-len ranges; lengths: rows of --lengths-file; "
@@ -78,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--result-json", type=Path, default=None,
                    help="write every request and the summary here; a sweep writes NAME-rateR.json per rate")
     o.add_argument("--plots", type=Path, default=None, help="directory for PNGs (CDFs, throughput, latency vs rate)")
+    o.add_argument("--save-generated-texts", action="store_true",
+                   help="put every request's text in the JSON (generated_texts)")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return p
 
@@ -125,16 +152,25 @@ async def amain(argv: Sequence[str] | None = None) -> list[RunResult]:
     rates = [math.inf] if trace is not None else args.request_rate
     results: list[RunResult] = []
     timeout = aiohttp.ClientTimeout(total=args.timeout)
+    key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     # limit=0: the concurrency limit is ours (--max-concurrency), not the connection pool's 100
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                     headers=headers) as session:
+        if args.ready_timeout > 0:
+            await wait_ready(session, args.base_url, args.ready_timeout)
         model = args.model or await first_model(session, args.base_url)
         opts = RequestOptions(url=args.base_url.rstrip("/") + args.endpoint, model=model,
-                              ignore_eos=args.ignore_eos, temperature=args.temperature)
+                              ignore_eos=args.ignore_eos, temperature=args.temperature, extra_body=args.extra_body)
 
         async def send(item: workloads.WorkItem, index: int, t0: float) -> RequestRecord:
             return await send_completion(session, opts, item, index, t0)
 
         for rate in rates:
+            for i in range(args.num_warmups):  # JIT, CUDA graphs, prefix cache: not part of the measurement
+                warm = await send_completion(session, opts, items[i % len(items)], -1 - i, 0.0)
+                if not warm.success:
+                    raise ValueError(f"warm-up request failed ({warm.status}): {warm.error[:200]}")
             offsets = trace if trace is not None else arrivals.arrival_offsets(
                 len(items), rate, args.burstiness, args.seed)
             records, wall_s = await run_load(items, offsets, send, max_concurrency=args.max_concurrency,
@@ -143,16 +179,16 @@ async def amain(argv: Sequence[str] | None = None) -> list[RunResult]:
                 records, wall_s, slo, date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 base_url=args.base_url, endpoint=args.endpoint, model=model,
                 workload="trace" if trace is not None else args.workload, request_rate=rate_label(rate),
-                burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=len(items))
+                burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=len(items),
+                save_texts=args.save_generated_texts)
             print(format_table(res), flush=True)
             results.append(res)
-    if args.result_json is not None:
-        for res in results:
-            path = args.result_json
-            if len(results) > 1:
-                path = path.with_name(f"{path.stem}-rate{res.request_rate}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(msgspec.json.format(msgspec.json.encode(res), indent=2))
+            if args.result_json is not None:  # now, not after the sweep: a long sweep cut short keeps what ran
+                path = args.result_json
+                if len(rates) > 1:
+                    path = path.with_name(f"{path.stem}-rate{res.request_rate}{path.suffix}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(msgspec.json.format(msgspec.json.encode(res), indent=2))
     if args.plots is not None:
         from conveyor.runtime.tools.loadgen.plots import write_plots  # matplotlib loads only when plots are asked for
 

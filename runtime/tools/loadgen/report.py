@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
-
 from conveyor.runtime.tools.loadgen.client import RequestRecord
 
 PERCENTILES = (90, 95, 99)
@@ -90,6 +89,7 @@ class RunResult(msgspec.Struct, kw_only=True):
     base_url: str
     endpoint: str
     model: str
+    model_id: str  # vLLM's name for the same
     workload: str
     request_rate: float | str  # "inf" for all at once, as vLLM writes it
     burstiness: float
@@ -106,6 +106,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     request_goodput: float | None
     output_throughput: float
     total_token_throughput: float
+    max_output_tokens_per_s: float  # vLLM's peak: the most text chunks any one second of the run saw
+    max_concurrent_requests: int  # the most requests in flight at once
     mean_ttft_ms: float | None
     median_ttft_ms: float | None
     std_ttft_ms: float | None
@@ -137,6 +139,7 @@ class RunResult(msgspec.Struct, kw_only=True):
     itls: list[list[float]]
     errors: list[str]
     requests: list[RequestResult]
+    generated_texts: list[str] | None = None  # with --save-generated-texts
 
 
 def failure_key(rec: RequestRecord) -> str:
@@ -145,7 +148,32 @@ def failure_key(rec: RequestRecord) -> str:
     return "stream_error" if rec.status == 200 else str(rec.status)
 
 
-def summarize(records: list[RequestRecord], duration_s: float, slo: dict[str, float], **config) -> RunResult:
+def peak_output_per_s(records: list[RequestRecord]) -> float:
+    """Text chunks (tokens, as ITL counts them) per whole second of the run, at the busiest second."""
+    per_second: Counter[int] = Counter()
+    for r in records:
+        if not r.success or r.ttft_s is None:
+            continue
+        t = r.start_s + r.ttft_s
+        per_second[int(t)] += 1
+        for gap in r.itl_s:
+            t += gap
+            per_second[int(t)] += 1
+    return float(max(per_second.values(), default=0))
+
+
+def peak_concurrency(records: list[RequestRecord]) -> int:
+    """The most requests in flight at one instant (send to last byte)."""
+    events = sorted(e for r in records for e in ((r.start_s, 1), (r.start_s + (r.e2e_s or 0.0), -1)))
+    peak = now = 0
+    for _, step in events:  # at equal times -1 sorts first: one ending as another starts is not overlap
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def summarize(records: list[RequestRecord], duration_s: float, slo: dict[str, float], *,
+              save_texts: bool = False, **config) -> RunResult:
     """``config``: the RunResult fields that describe the run (date, base_url, ..., num_prompts)."""
     ok = [r for r in records if r.success]
     failures = Counter(failure_key(r) for r in records if not r.success)
@@ -165,7 +193,9 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: dict[str, fl
     per_s = 1.0 / duration_s if duration_s > 0 else 0.0
     goodput = sum(meets_slo(r, slo) for r in records) * per_s if slo else None
     return RunResult(
-        **config, slo=slo, duration=duration_s, completed=len(ok), failed=len(records) - len(ok),
+        **config, model_id=config["model"], slo=slo,
+        max_output_tokens_per_s=peak_output_per_s(records), max_concurrent_requests=peak_concurrency(records),
+        generated_texts=[r.text for r in records] if save_texts else None, duration=duration_s, completed=len(ok), failed=len(records) - len(ok),
         failures_by_status=dict(sorted(failures.items())), total_input_tokens=inputs, total_output_tokens=outputs,
         request_throughput=len(ok) * per_s, request_goodput=goodput, output_throughput=outputs * per_s,
         total_token_throughput=(inputs + outputs) * per_s, **fields,
@@ -201,6 +231,8 @@ def format_table(res: RunResult) -> str:
         row("  within SLO:", ",".join(f"{k}={v:g}" for k, v in res.slo.items()))
     row("Output token throughput (tok/s):", res.output_throughput, ".2f")
     row("Total token throughput (tok/s):", res.total_token_throughput, ".2f")
+    row("Peak output token throughput (tok/s):", res.max_output_tokens_per_s, ".2f")
+    row("Peak concurrent requests:", res.max_concurrent_requests)
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
     for name in METRICS:
