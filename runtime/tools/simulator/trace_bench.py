@@ -139,7 +139,8 @@ class Protocol:
                                                 max_num_batched_tokens=self.config.max_model_len)
         pf = self.capacity("fcfs prefill-first", prefill_first)
         floor = min(p.rate for p in pf.probes)
-        ratio = cap.rate / pf.rate if pf.rate > 0 else math.inf
+        # neither mode meeting the SLO at any probed rate is no evidence either way
+        ratio = cap.rate / pf.rate if pf.rate > 0 else math.inf if cap.rate > 0 else math.nan
         self.bench.rows["chunked"] = {"chunked_capacity": cap.rate, "prefill_first_capacity": pf.rate,
                                       "prefill_first_lowest_probe": floor, "ratio": ratio,
                                       "prefill_first_tbt_p99_at_lowest_probe":
@@ -164,7 +165,7 @@ class Protocol:
         thr = row["dynamic"]["saturated_output_tok_per_s"] / row["oracle"]["saturated_output_tok_per_s"]
         retract = row["dynamic"]["retractions"] / n
         c = row["conservative"]["capacity"]
-        cap_ratio = row["dynamic"]["capacity"] / c if c > 0 else math.inf
+        cap_ratio = row["dynamic"]["capacity"] / c if c > 0 else math.inf if row["dynamic"]["capacity"] > 0 else math.nan
         row |= {"throughput_vs_oracle": thr, "retractions_per_request": retract, "capacity_vs_conservative": cap_ratio}
         self.bench.rows["reservation"] = row
         self.bench.check("dynamic reservation: saturated throughput / oracle", thr, ">= 0.95", thr >= 0.95)
