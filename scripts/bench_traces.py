@@ -109,6 +109,7 @@ def main(argv=None) -> int:
                 args.step_records.write_text(json.dumps([r._asdict() for r in runner.step_records]))
         stem = args.out / f"{trace.name}_{args.engine}"
         stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
+        stem.with_suffix(".md").write_text(markdown(out, "python " + " ".join(sys.argv)))
         if not args.no_plot:
             plot_bench(bench, args.out)
         print_bench(out)
@@ -133,6 +134,22 @@ def sim_vs_real(proto: Protocol, runner) -> dict:
         out[f"{load:g}x"] = {"sim_e2e_mean": sim["e2e_mean"], "real_e2e_mean": real["e2e_mean"],
                              "sim_over_real": sim["e2e_mean"] / real["e2e_mean"]}
     return out
+
+
+def markdown(out: dict, command: str) -> str:
+    """The README's table for one trace: capacity per mode, every policy at each load, the targets."""
+    lines = [f"`{command}`", "", *out["notes"], "",
+             "capacity (req/s under the SLO): " + ", ".join(f"{m} **{c['rate']:.3g}**" for m, c in out["capacity"].items()),
+             "", "| load | policy | mean E2E s | P99 E2E s | P99 TTFT s | P99 TBT ms | goodput req/s | preemptions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, table in out["per_load"].items():
+        for p, r in table.items():
+            lines.append(f"| {label} | {p} | {r['e2e_mean']:.3g} | {r['e2e_p99']:.3g} | {r['ttft_p99']:.3g} | "
+                         f"{r['tbt_p99'] * 1e3:.3g} | {r['goodput_rps']:.3g} | {r['preemptions']:.0f} |")
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    lines += [f"| {c['name']} (target {c['target']}) | {c['value']:.3g} | {'yes' if c['ok'] else '**no**'} |"
+              for c in out["checks"]]
+    return "\n".join(lines) + "\n"
 
 
 def print_bench(out: dict) -> None:
