@@ -4,7 +4,6 @@ must hold between each technique and its baseline mode (never times)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from conveyor.runtime.tools.simulator import simulate
 from conveyor.runtime.tools.simulator.capacity import SLO, search_capacity, summarize_load, unloaded_decode_step
 from conveyor.runtime.tools.simulator.engine import TokenGaps
 from conveyor.runtime.tools.simulator.trace_bench import TRACE_CONFIG, Protocol
+from conveyor.runtime.tools.simulator.trace_cli import main as bench_main
 from conveyor.runtime.tools.simulator.traces import (
     MOONCAKE_BLOCK,
     TraceOptions,
@@ -177,13 +177,10 @@ def test_protocol_writes_every_row_it_was_asked_for(tmp_path):
 
 
 def test_the_script_writes_json_and_plots(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_traces", Path(__file__).parent.parent / "scripts" /
-                                                  "bench_traces.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--trace", str(AZURE), "--limit", "30", "--policy", "fcfs", "sjf", "--rows", "chunked",
+    assert bench_main(["--trace", str(AZURE), "--limit", "30", "--policy", "fcfs", "sjf", "--rows", "chunked",
                      "--loads", "0.5", "1.1", "--iters", "2", "--max-num-seqs", "16", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "azure_code_slice_sim.json").read_text())
     assert out["rows"]["chunked"]["chunked_capacity"] >= out["rows"]["chunked"]["prefill_first_capacity"]
     assert (tmp_path / "azure_code_slice_sim_latency_vs_load.png").exists()
     assert (tmp_path / "azure_code_slice_sim_capacity.png").exists()
+    assert "| target | value | met |" in (tmp_path / "azure_code_slice_sim.md").read_text()
