@@ -65,6 +65,9 @@ def search_capacity(make: MakeWorkload, config: SimConfig, slo: SLO, policy: str
     """Binary search for the largest rate meeting ``slo``, between 0 and twice the saturated throughput
     (a replayed trace is bursty: short stretches above the mean rate are what break the SLO first)."""
     sat = measure_capacity(make(math.inf), config, run)
+    if not 0 < sat < math.inf:  # a slice so small that nothing finishes before the last admission
+        burst = run(policy, make(math.inf), config)
+        sat = len(burst.requests) / burst.sim_time_s
     lo, hi = 0.0, 2.0 * sat
     probes: list[Probe] = []
     top = probe(run(policy, make(hi), config), hi, slo)
