@@ -341,8 +341,8 @@ def plot_bench(bench: Bench, out_dir: Any) -> list[Any]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("e2e_mean", "e2e_p99", "tbt_p99"), ("mean E2E (s)", "P99 E2E (s)", "P99 TBT (s)"),
                               strict=True):
-        for p in policies:
-            ax.plot(xs, [bench.per_load[lbl][p][key] for lbl in loads], marker="o", lw=1,
+        for i, p in enumerate(policies):  # tab20: twelve lines, twelve colours
+            ax.plot(xs, [bench.per_load[lbl][p][key] for lbl in loads], marker="o", lw=1, color=plt.cm.tab20(i),
                     ls="--" if "(true)" in p else "-", label=p)
         if key == "tbt_p99" and bench.slo:
             ax.axhline(bench.slo["tbt_p99_s"], color="grey", ls=":", label="SLO")
