@@ -184,3 +184,17 @@ def test_the_script_writes_json_and_plots(tmp_path):
     assert (tmp_path / "azure_code_slice_sim_latency_vs_load.png").exists()
     assert (tmp_path / "azure_code_slice_sim_capacity.png").exists()
     assert "| target | value | met |" in (tmp_path / "azure_code_slice_sim.md").read_text()
+
+
+def test_engine_real_runs_the_protocol_on_the_cpu_engine(tiny_llama_dir, tmp_path):
+    """--engine real: the same protocol through RealRunner on a tiny CPU model (wall clock, so only the
+    structure is asserted), with the simulator replaying its fcfs runs on the fitted cost model."""
+    out = tmp_path / "real"
+    assert bench_main(["--engine", "real", "--model", str(tiny_llama_dir), "--device", "cpu", "--load-format", "auto",
+                       "--trace", str(SHAREGPT), "--limit", "8", "--length-scale", "0.02", "--max-model-len", "1024",
+                       "--max-num-seqs", "4", "--policy", "fcfs", "--rows", "overlap", "--loads", "0.5",
+                       "--iters", "1", "--no-plot", "--out", str(out)]) == 0
+    data = json.loads((out / "sharegpt_lengths_slice_real.json").read_text())
+    assert data["engine"] == "real" and data["per_load"]["0.5x"]["fcfs"]["e2e_mean"] > 0
+    assert set(data["rows"]["overlap"]) == {"depth 1", "depth 2", "throughput_gain"}  # the row the sim cannot run
+    assert data["sim_vs_real"]["0.5x"]["sim_over_real"] > 0 and "fitted_cost" in data["sim_vs_real"]
