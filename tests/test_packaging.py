@@ -90,7 +90,7 @@ def test_a_wheel_install_holds_only_conveyor_and_its_cli_works(tmp_path: Path, t
                                                 "pkg_resources"}
     ours = {n for n in ours if not n.startswith(("pip-", "setuptools-", "__pycache__"))}
     assert ours == {"conveyor", "conveyor-0.1.0.dist-info"}, ours
-    assert (site / "conveyor" / "runtime" / "loadgen" / "corpus.txt").is_file()  # package data travels
+    assert (site / "conveyor" / "runtime" / "tools" / "loadgen" / "corpus.txt").is_file()  # package data travels
     (tmp_path / "elsewhere").mkdir()
     cwd = _shadowing_folder(tmp_path / "elsewhere")
     res = subprocess.run([str(env_dir / "bin" / "conveyor"), "generate", "Hello", "--model", str(tiny_chat_dir),

@@ -38,7 +38,7 @@ class Probe(NamedTuple):
 
 class Capacity(NamedTuple):
     rate: float  # req/s; 0.0: no rate probed met the SLO (the lowest probe is in probes)
-    saturated: float  # the throughput with everything queued at t = 0: the search's upper end
+    saturated: float  # the throughput with everything queued at t = 0 (the search goes up to twice it)
     probes: tuple[Probe, ...]
 
 
