@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="qwen3-0.6b")
     r.add_argument("--load-format", default="dummy")
     r.add_argument("--device", default="auto")
-    r.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool (the real engine's)")
+    r.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="bytes for the KV pool (the real engine's; with --no-match-pool)")
+    r.add_argument("--match-pool", action=argparse.BooleanOptionalAction, default=True,
+                   help="real: give the engine the simulated pool's page count (--num-pages; the lpm row's 25%% "
+                   "pool), so both engines run on one pool; off: the pool the device's memory sizes")
     r.add_argument("--pipeline-depth", type=int, default=2)
     r.add_argument("--step-records", type=Path, default=None, help="real: write every step's StepRecord here")
     p.add_argument("--out", type=Path, default=Path("bench_traces_out"))
@@ -88,11 +92,13 @@ def main(argv=None) -> int:
         base = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
                             kv_cache_memory=args.kv_cache_memory, pipeline_depth=args.pipeline_depth,
                             max_model_len=args.max_model_len)
-        runner = RealRunner(base, output_scale=1.0)  # lengths are scaled by --length-scale, prompts too
+        # lengths are scaled by --length-scale, prompts too, so no output_scale here
+        runner = RealRunner(base, output_scale=1.0, match_pool=args.match_pool)
         run = runner
 
         def depth_run(depth):
-            return RealRunner(msgspec.structs.replace(base, pipeline_depth=depth), output_scale=1.0)
+            return RealRunner(msgspec.structs.replace(base, pipeline_depth=depth), output_scale=1.0,
+                              match_pool=args.match_pool)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.trace:
         trace = load_trace(path, limit=args.limit or None, offset=args.offset)
