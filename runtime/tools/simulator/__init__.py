@@ -12,6 +12,10 @@ One job per module; imports point one way (workloads, cost_model <- executor <- 
   and ``measure_capacity``.
 - ``report``: percentiles, per-run summaries and the tables they print as.
 - ``scenarios``: the issue's targets, each a workload, a set of policies and checks.
+- ``traces``: public traces (Azure code 2023, ShareGPT lengths, Mooncake) as ``SimRequest`` lists, arrivals
+  scaled to a rate, Mooncake's hash blocks as shared prompt ids.
+- ``capacity``: capacity under a P99-TBT and queueing SLO (binary search) and the per-load report.
+- ``trace_bench``: the trace protocol (issue #23) and its target rows; ``scripts/bench_traces.py`` runs it.
 - ``cli``: the ``conveyor simulate`` command line.
 
 The names below are re-exported so ``from conveyor.runtime.tools.simulator import ...`` works.
@@ -43,6 +47,7 @@ from conveyor.runtime.tools.simulator.scenarios import (
     scenario_sjf,
     scenario_static,
 )
+from conveyor.runtime.tools.simulator.traces import Trace, TraceOptions, load_trace, to_requests
 from conveyor.runtime.tools.simulator.workloads import (
     HEAVY_MU,
     HEAVY_SIGMA,
@@ -81,11 +86,14 @@ __all__ = [
     "SimRequest",
     "SimResult",
     "Stream",
+    "Trace",
+    "TraceOptions",
     "build_parser",
     "fit_cost_model",
     "format_table",
     "heavy_tail_request",
     "load_step_records",
+    "load_trace",
     "main",
     "make_workload",
     "measure_capacity",
@@ -100,5 +108,6 @@ __all__ = [
     "scenario_static",
     "simulate",
     "summarize",
+    "to_requests",
     "wait_share",
 ]

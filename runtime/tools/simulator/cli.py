@@ -12,6 +12,7 @@ sees prompts and ``max_tokens`` as in the engine, so an SJF predictor has to lea
     conveyor simulate --scenario fair --plot out/
     conveyor simulate --fit-records steps.json --scenario sjf
     conveyor simulate --engine real --model qwen3-0.6b --load-format dummy --scenario sjf --scale 0.05
+    conveyor simulate --trace ../shared/traces/sharegpt_8k_lengths.csv   # the trace protocol (its own --help)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--trace" in argv:  # the trace protocol (issue #23) has flags of its own: scripts/bench_traces.py
+        from conveyor.runtime.tools.simulator.trace_cli import main as trace_main
+
+        return trace_main(argv)
     args = build_parser().parse_args(argv)
     cost = args.cost or CostModel()
     if args.fit_records is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -12,6 +12,7 @@ import msgspec
 
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.engine.core import EngineCore, ModelInfo
+from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.tools.driver import replay
 from conveyor.runtime.tools.simulator.cost_model import CostModel
 from conveyor.runtime.tools.simulator.executor import SIM_EOS, SimClock, SimulatedExecutor
@@ -26,6 +27,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    enable_chunked_prefill: bool = True  # off: a prompt runs whole in one step (the prefill-first baseline)
     num_pages: int = 8192
     block_size: int = 16
     reservation: str = "dynamic"
@@ -42,7 +44,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
         """The engine flags this simulation stands for; depth 1, so one loop turn is one step."""
         return EngineConfig(
             model="simulated", max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len, block_size=self.block_size, schedule_policy=policy,
+            max_model_len=self.max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
+            block_size=self.block_size, schedule_policy=policy,
             reservation=self.reservation, reservation_beta=self.reservation_beta,
             reservation_adapt=self.reservation_adapt, enable_prefix_caching=self.enable_prefix_caching,
             priority_aging_s=self.priority_aging_s, static_batch_size=self.static_batch_size,
@@ -63,6 +66,7 @@ class RequestStat(NamedTuple):
     prompt_len: int
     tenant: str
     priority: int
+    cached: int = 0  # prompt tokens served from the prefix cache at first admission
 
 
 @dataclass
@@ -71,10 +75,37 @@ class SimResult:
     steps: int = 0
     sim_time_s: float = 0.0
     preemptions: int = 0
+    retractions: int = 0  # the preemptions forced by a dry KV pool (dynamic reservation's cost)
     requests: list[RequestStat] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # the policy's metrics() at the end
     trace: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (time, metrics()) per trace tick
     shapes: list[tuple[int, int]] = field(default_factory=list)  # per step: (num_tokens, kv_tokens_read)
+    # Every gap between two consecutive tokens of one request (time between tokens, TBT): P99 TBT is
+    # the decode-stall SLO that capacity is measured under, and a mean TPOT hides the stalls.
+    tbt: list[float] = field(default_factory=list)
+
+
+class TokenGaps:
+    """An ``after_step`` hook: the time between each request's consecutive tokens, read off ``clock``
+    when the step that sampled them returns (at depth 1, when the token exists)."""
+
+    def __init__(self, clock: Callable[[], float], limit: Mapping[str, int] | None = None) -> None:
+        self.clock = clock
+        self.limit = limit  # request id -> tokens that count (the real engine may compute one past it)
+        self.last: dict[str, tuple[float, int]] = {}
+        self.gaps: list[float] = []
+
+    def __call__(self, outputs: list[RequestOutput]) -> None:
+        now = self.clock()
+        for out in outputs:
+            n = out.num_output_tokens
+            if self.limit is not None and n > self.limit[out.request_id]:
+                continue
+            prev = self.last.get(out.request_id)
+            if prev is not None and n > prev[1]:
+                self.gaps.append(now - prev[0])
+            if prev is None or n > prev[1]:
+                self.last[out.request_id] = (now, n)
 
 
 class TrueLengths(LengthPredictor):
@@ -120,13 +151,16 @@ def simulate(policy_name: str, workload: Sequence[SimRequest], config: SimConfig
             result.trace.append((elapsed, policy.metrics()))
             next_trace = elapsed + trace_every_s
 
+    gaps = TokenGaps(clock)
     live, _ = replay(core, workload, lambda w: w.arrival, make_request, clock=clock, stall_s=config.cost.base_s,
-                     before_step=trace)
+                     before_step=trace, after_step=gaps)
     core.check_integrity()
     result.steps = len(core.step_records)
     result.shapes = [(r.num_tokens, r.kv_tokens_read) for r in core.step_records]
     result.sim_time_s = clock.now
     result.preemptions = core.scheduler.num_preemptions
+    result.retractions = core.scheduler.num_retractions
+    result.tbt = gaps.gaps
     result.metrics = policy.metrics()
     for r in live:
         assert r.admit_time is not None and r.first_token_time is not None and r.finish_time is not None, r.request_id
@@ -134,7 +168,7 @@ def simulate(policy_name: str, workload: Sequence[SimRequest], config: SimConfig
         result.requests.append(RequestStat(
             r.arrival_time, r.admit_time, r.first_token_time - r.arrival_time,
             r.finish_time - r.arrival_time, (r.finish_time - r.first_token_time) / (n - 1) if n > 1 else 0.0,
-            n, r.num_prompt_tokens, r.tenant or "", r.priority,
+            n, r.num_prompt_tokens, r.tenant or "", r.priority, r.num_cached_tokens,
         ))
     return result
 
