@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, AsyncIterator
 
 import structlog
@@ -71,6 +72,22 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.inputs.vocab_size
+
+    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """The ids a request with this prompt or these messages would prefill (validated)."""
+        return self.core.inputs.token_ids(prompt, messages)
+
+    def add_step_observer(self, observe: Callable[[int], None]) -> None:
+        """``observe(num_tokens)`` after every processed batch, on the engine thread."""
+        self.core.step_observers.append(observe)
+
+    def remove_step_observer(self, observe: Callable[[int], None]) -> None:
+        if observe in self.core.step_observers:
+            self.core.step_observers.remove(observe)
 
     @property
     def num_step_failures(self) -> int:

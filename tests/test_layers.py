@@ -131,3 +131,16 @@ def test_scheduler_policies_and_simulator_run_without_torch() -> None:
     res = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "True", "False"]
+
+
+def test_the_server_depends_on_the_engine_client_protocol_only() -> None:
+    """Only ``serve.py`` (which builds the engine) names AsyncEngine: a router can stand in for it."""
+    from conveyor.runtime.async_engine import AsyncEngine
+    from conveyor.runtime.engine.client import EngineClient
+
+    bad = [mod for mod, path in MODULES.items() if mod.startswith("conveyor.runtime.server.")
+           and mod != "conveyor.runtime.server.serve" and "conveyor.runtime.async_engine" in _imports(path, False)]
+    assert not bad, bad
+    members = {n for n in vars(EngineClient) if not n.startswith("_")} | set(EngineClient.__annotations__)
+    assert members and all(hasattr(AsyncEngine, n) or n == "config" for n in members), \
+        sorted(n for n in members if not hasattr(AsyncEngine, n))

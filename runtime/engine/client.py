@@ -3,7 +3,7 @@ router that forwards to workers in others. The server depends on this, never on 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from conveyor.runtime.engine.config import EngineConfig
@@ -30,7 +30,27 @@ class EngineClient(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def vocab_size(self) -> int: ...
+
+    @property
     def is_alive(self) -> bool: ...
+
+    @property
+    def num_step_failures(self) -> int: ...
+
+    def stalled_for(self) -> float:
+        """Seconds without progress while work waits (0 when idle or moving): what /health reads."""
+        ...
+
+    def token_ids(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """The ids a request with this prompt or these messages would prefill (validated)."""
+        ...
+
+    def add_step_observer(self, observe: Callable[[int], None]) -> None:
+        """``observe(num_tokens)`` after every processed batch (called on the engine's thread)."""
+        ...
+
+    def remove_step_observer(self, observe: Callable[[int], None]) -> None: ...
 
     def num_waiting(self) -> int: ...
 

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
+from conveyor.runtime.engine.client import EngineClient, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.server.endpoints import add_routes
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
@@ -93,9 +93,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class ServerState:
     """What the handlers share: the engine, settings, metrics and the in-flight record."""
 
-    def __init__(self, engine: AsyncEngine | None, settings: ServerSettings, loading_name: str = "") -> None:
+    def __init__(self, engine: EngineClient | None, settings: ServerSettings, loading_name: str = "") -> None:
         # None only while the model loads; the loading middleware keeps handlers from seeing it.
-        self.engine: AsyncEngine = engine  # type: ignore[assignment]
+        self.engine: EngineClient = engine  # type: ignore[assignment]
         self.settings = settings
         self.loading_name = loading_name  # the model_name label before the engine can say it
         self.metrics = HttpMetrics(settings.metrics_prefix, self.model_name)
@@ -115,11 +115,11 @@ class ServerState:
         return ModelCard(id=self.engine.model_name, created=self.created, max_model_len=self.engine.max_model_len,
                          root=self.engine.config.model)
 
-    def attach(self, engine: AsyncEngine) -> None:
+    def attach(self, engine: EngineClient) -> None:
         self.engine = engine
         self.engine_metrics = self.metrics.attach(engine)
         # Called on the engine thread; the histogram takes its own lock.
-        engine.core.step_observers.append(self.engine_metrics.iteration_tokens.observe)
+        engine.add_step_observer(self.engine_metrics.iteration_tokens.observe)
         if self.running:
             self._start_tasks()
 
@@ -174,7 +174,7 @@ class ServerState:
 STATE = web.AppKey("conveyor_state", ServerState)
 
 
-def build_app(engine: AsyncEngine | None, settings: ServerSettings | None = None,
+def build_app(engine: EngineClient | None, settings: ServerSettings | None = None,
               loading_name: str = "") -> web.Application:
     """``engine`` None: the app answers 503 "loading" until ``attach_engine(app, engine)``."""
     state = ServerState(None, settings or ServerSettings(), loading_name)
@@ -195,7 +195,7 @@ def build_app(engine: AsyncEngine | None, settings: ServerSettings | None = None
     return app
 
 
-def attach_engine(app: web.Application, engine: AsyncEngine) -> None:
+def attach_engine(app: web.Application, engine: EngineClient) -> None:
     app[STATE].attach(engine)
 
 
@@ -208,9 +208,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     state.running = False
     if state.engine is not None and state.engine_metrics is not None:
-        observers = state.engine.core.step_observers
-        if state.engine_metrics.iteration_tokens.observe in observers:
-            observers.remove(state.engine_metrics.iteration_tokens.observe)
+        state.engine.remove_step_observer(state.engine_metrics.iteration_tokens.observe)
     for task in state.tasks:
         task.cancel()
     await asyncio.gather(*state.tasks, return_exceptions=True)
@@ -230,7 +228,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
-async def _off_loop(state: ServerState, make_plan: Callable[[AsyncEngine, Body, ServerSettings], Plan],
+async def _off_loop(state: ServerState, make_plan: Callable[[EngineClient, Body, ServerSettings], Plan],
                     body: Body) -> Plan:
     """Tokenizing a long prompt, or compiling a large schema, takes seconds: it must not hold every
     other stream's chunks."""

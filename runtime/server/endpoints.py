@@ -130,7 +130,7 @@ async def _tokenize(request: web.Request) -> web.Response:
                                                add_generation_prompt=body.add_generation_prompt is not False)
                 ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
             else:  # the same ids a chat completion would prefill
-                ids = engine.core.inputs.token_ids(messages=chat_messages(body.messages))
+                ids = engine.token_ids(messages=chat_messages(body.messages))
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     except InvalidRequestError as e:
@@ -140,7 +140,7 @@ async def _tokenize(request: web.Request) -> web.Response:
     except Exception as e:  # a chat template that rejects the conversation
         raise bad_request("messages", f"messages: the chat template rejected them: {e}") from None
     strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
-    return _json(TokenizeResponse(count=len(ids), max_model_len=engine.core.max_model_len, tokens=ids,
+    return _json(TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
                                   token_strs=strs))
 
 
@@ -153,7 +153,7 @@ async def _detokenize(request: web.Request) -> web.Response:
     _check_model(engine, body.model)
     if engine.tokenizer is None:
         raise bad_request("tokens", "this model has no tokenizer")
-    vocab = engine.core.inputs.vocab_size
+    vocab = engine.vocab_size
     for i, t in enumerate(body.tokens):
         if not 0 <= t < vocab:
             raise bad_request(f"tokens[{i}]", f"tokens[{i}]: token id {t} is outside the vocabulary [0, {vocab})")
@@ -171,7 +171,7 @@ async def _server_info(request: web.Request) -> web.Response:
     settings["api_key"] = "<set>" if state.settings.api_key else None  # never the key itself
     cfg = engine.config
     return _json(ServerInfo(
-        model=cfg.model, served_model_name=engine.model_name, max_model_len=engine.core.max_model_len,
+        model=cfg.model, served_model_name=engine.model_name, max_model_len=engine.max_model_len,
         version=version(), versions=_versions(), engine_config=msgspec.to_builtins(cfg), server_settings=settings,
         kv_pages_total=engine.stats().kv_pages_total, block_size=cfg.block_size,
     ))

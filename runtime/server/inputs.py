@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.engine.client import EngineClient
 from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request
 from conveyor.runtime.server.fields import refuse_unsupported, structured_spec
@@ -60,7 +60,7 @@ class Plan:
     tools: ToolSetup | None = None  # chat with tools: the output is parsed for calls
 
 
-def completion_plan(engine: AsyncEngine, body: CompletionRequest, settings: ServerSettings | None = None) -> Plan:
+def completion_plan(engine: EngineClient, body: CompletionRequest, settings: ServerSettings | None = None) -> Plan:
     check_model(engine, body)
     refuse_unsupported(body)
     prompts = split_prompts(body.prompt)
@@ -83,7 +83,7 @@ def completion_plan(engine: AsyncEngine, body: CompletionRequest, settings: Serv
     return plan
 
 
-def chat_plan(engine: AsyncEngine, body: ChatCompletionRequest, settings: ServerSettings | None = None) -> Plan:
+def chat_plan(engine: EngineClient, body: ChatCompletionRequest, settings: ServerSettings | None = None) -> Plan:
     check_model(engine, body)
     refuse_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
@@ -116,7 +116,7 @@ _OWN_TEMPLATE_KEYS = frozenset({"messages", "conversation", "tokenize", "return_
                                 "chat_template", "add_generation_prompt", "continue_final_message"})
 
 
-def chat_options(engine: AsyncEngine, body: ChatCompletionRequest, settings: ServerSettings | None,
+def chat_options(engine: EngineClient, body: ChatCompletionRequest, settings: ServerSettings | None,
                  tools: ToolSetup | None) -> dict[str, Any]:
     """apply_chat_template's keywords for this request; the template's own variables come last."""
     template = body.chat_template if body.chat_template is not None else (settings.chat_template if settings else None)
@@ -141,7 +141,7 @@ def chat_options(engine: AsyncEngine, body: ChatCompletionRequest, settings: Ser
     return options
 
 
-def _decode(engine: AsyncEngine, ids: list[int]) -> str:
+def _decode(engine: EngineClient, ids: list[int]) -> str:
     return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
 
 
@@ -149,7 +149,7 @@ def _replace(plan: Plan, **changes: Any) -> Plan:
     return dataclasses.replace(plan, **changes)
 
 
-def check_model(engine: AsyncEngine, body: GenerationFields) -> None:
+def check_model(engine: EngineClient, body: GenerationFields) -> None:
     if body.model is not None and body.model != engine.model_name:
         raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{engine.model_name}`.",
                        param="model", code="model_not_found")
@@ -222,7 +222,7 @@ def sampling_params(body: GenerationFields, *, max_tokens: int | None, logprobs:
         raise from_invalid_request(e, renames) from None
 
 
-def _build_plan(engine: AsyncEngine, body: GenerationFields, rid: str, params: SamplingParams,
+def _build_plan(engine: EngineClient, body: GenerationFields, rid: str, params: SamplingParams,
              prompts: list[tuple[Prompt | None, list[dict[str, Any]] | None]], renames: dict[str, str],
              logprobs: int | None, chat: dict[str, Any] | None = None) -> Plan:
     n = 1 if body.n is None else body.n

@@ -138,7 +138,7 @@ class EngineMetrics:
         r, p = registry, prefix
         name = engine.model_name
         labels = ["model_name"]
-        max_len = engine.core.max_model_len
+        max_len = engine.max_model_len
         tokens = buckets_1_2_5(max_len)
 
         def hist(metric: str, doc: str, buckets) -> Histogram:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 import structlog
-from conveyor.runtime.async_engine import AsyncEngine, EngineDeadError
+from conveyor.runtime.engine.client import EngineClient, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import Request
 
@@ -72,7 +72,7 @@ class InFlight:
 
 
 async def run_choices(
-    engine: AsyncEngine,
+    engine: EngineClient,
     requests: Sequence[Request],
     inflight: InFlight,
     on_finish: Callable[[RequestOutput], None],
@@ -140,7 +140,7 @@ def _aborted(req: Request, last: RequestOutput | None, now: float) -> RequestOut
     )
 
 
-async def watch_engine(engine: AsyncEngine, inflight: InFlight, period_s: float = 0.5,
+async def watch_engine(engine: EngineClient, inflight: InFlight, period_s: float = 0.5,
                        stall_timeout: float = 60.0) -> None:
     """Fail in-flight requests if the engine thread dies (its streams would otherwise wait forever);
     log once per stall what the engine holds when it makes no progress with work waiting."""
