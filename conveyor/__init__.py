@@ -19,8 +19,8 @@ if not (Path(__file__).parent / "runtime").is_dir() and (_root / "runtime" / "__
 if TYPE_CHECKING:
     from conveyor.runtime.async_engine import AsyncEngine
     from conveyor.runtime.engine.config import ConfigError, EngineConfig
-    from conveyor.runtime.llm import LLM
     from conveyor.runtime.engine.outputs import RequestOutput
+    from conveyor.runtime.llm import LLM
     from conveyor.scheduler import InvalidRequestError, SamplingParams
 
 __all__ = ["AsyncEngine", "ConfigError", "EngineConfig", "InvalidRequestError", "LLM", "RequestOutput", "SamplingParams"]

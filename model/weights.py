@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from conveyor.model.config import ModelConfig
 from conveyor.model.decoder import DecoderModel

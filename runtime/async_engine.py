@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, AsyncIterator
 
 import structlog
+
 from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.client import EngineDeadError
 from conveyor.runtime.engine.config import EngineConfig

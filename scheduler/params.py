@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import msgspec
+
 from conveyor.scheduler.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20

@@ -34,10 +34,13 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.engine_args import add_engine_args, engine_config  # noqa: E402
 from conveyor.runtime.engine.config import EngineConfig  # noqa: E402
-from conveyor.runtime.engine_args import parse_range  # noqa: E402
 from conveyor.runtime.engine.step_stats import StepRecord  # noqa: E402
+from conveyor.runtime.engine_args import (  # noqa: E402
+    add_engine_args,
+    engine_config,
+    parse_range,  # noqa: E402
+)
 from conveyor.scheduler import SamplingParams  # noqa: E402
 
 

@@ -24,11 +24,14 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conveyor.runtime.engine_args import add_engine_args, engine_config  # noqa: E402
+from conveyor.runtime.engine.config import EngineConfig  # noqa: E402
+from conveyor.runtime.engine_args import (  # noqa: E402
+    add_engine_args,
+    engine_config,
+    parse_range,  # noqa: E402
+)
 from conveyor.runtime.tools.compare import WorkItem, warm_up  # noqa: E402
 from conveyor.runtime.tools.driver import replay  # noqa: E402
-from conveyor.runtime.engine.config import EngineConfig  # noqa: E402
-from conveyor.runtime.engine_args import parse_range  # noqa: E402
 
 
 def workload(args: argparse.Namespace, vocab: int) -> list[WorkItem]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conveyor.memory.device import kv_bytes_per_token
 from conveyor.model import resolve_model
 from conveyor.model.default_model import default_model_dir

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from conveyor.model.attention.flashinfer_backend import INVARIANT_QUERY_TILE, pin_query_tile
 from conveyor.model.ops import fixed_tile_linear
-from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.engine.core import EngineCore
 from conveyor.runtime.tools.driver import run_until_idle
 from conveyor.scheduler import SamplingParams

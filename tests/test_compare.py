@@ -18,8 +18,8 @@ import matplotlib.image
 import msgspec
 import pytest
 
-from conveyor.runtime.tools.compare import CompareResult, StrategyResult, build_workload, run_compare
 from conveyor.runtime.engine.step_stats import StepRecord
+from conveyor.runtime.tools.compare import CompareResult, StrategyResult, build_workload, run_compare
 from tests.conftest import kv_bytes_for_pages
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,14 +21,15 @@ from urllib.parse import quote, urlsplit
 import msgspec
 import pytest
 import pytest_asyncio
-from conveyor.runtime.async_engine import AsyncEngine
-from conveyor.runtime.engine.config import EngineConfig
-from conveyor.runtime.server.app import ServerSettings
-from conveyor.runtime.server.protocol import ErrorResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from test_server import Server, start_server, wait_until_idle
+
+from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.server.app import ServerSettings
+from conveyor.runtime.server.protocol import ErrorResponse
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -138,8 +138,9 @@ class HFOracle:
     """A transformers model (bf16, sdpa) with the same random weights the engine loads from disk."""
 
     def __init__(self, preset_name: str, directory) -> None:
-        from conveyor.model.presets import preset
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        from conveyor.model.presets import preset
 
         cfg = AutoConfig.for_model(**preset(preset_name))
         torch.manual_seed(0)

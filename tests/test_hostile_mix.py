@@ -14,13 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server import Server, sse_events, start_server, wait_for, wait_until_idle
+
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings
 from conveyor.scheduler import SamplingParams
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_server import Server, sse_events, start_server, wait_for, wait_until_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

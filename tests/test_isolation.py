@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
+
 from conveyor.runtime import AsyncEngine, EngineConfig, SamplingParams
 from conveyor.runtime.async_engine import EngineDeadError
 from conveyor.runtime.engine.core import MAX_CONSECUTIVE_FAILURES
 from conveyor.runtime.engine.outputs import RequestOutput
-from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

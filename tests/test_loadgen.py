@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
+
 from conveyor.runtime.tools.loadgen import amain
 from conveyor.runtime.tools.loadgen.arrivals import arrival_offsets, read_length_rows, trace_offsets
 from conveyor.runtime.tools.loadgen.client import RequestRecord

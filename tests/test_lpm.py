@@ -6,7 +6,8 @@ import random
 
 from conveyor.memory import DynamicReservation, KVCacheManager
 from conveyor.runtime import LLM, SamplingParams
-from conveyor.scheduler import Request, SamplingParams as Params, Scheduler, SchedulerLimits
+from conveyor.scheduler import Request, Scheduler, SchedulerLimits
+from conveyor.scheduler import SamplingParams as Params
 from conveyor.scheduler.policies import LPMPolicy
 from tests.conftest import kv_bytes_for_pages
 

@@ -1,6 +1,13 @@
 import pytest
 
-from conveyor.memory import ConservativeReservation, DynamicReservation, IndexAllocator, IntegrityError, KVCacheManager, OutOfIndices
+from conveyor.memory import (
+    ConservativeReservation,
+    DynamicReservation,
+    IndexAllocator,
+    IntegrityError,
+    KVCacheManager,
+    OutOfIndices,
+)
 
 
 def test_allocator_hands_out_lowest_first_and_detects_double_free():

@@ -30,7 +30,15 @@ from conveyor.runtime.server.inputs import chat_plan
 from conveyor.runtime.server.protocol import ChatCompletionRequest
 from conveyor.runtime.server.tools import ToolSetup, parse_output
 from tests.test_server import (  # noqa: F401  (fixtures)
-    Server, assert_still_serves, http, sse_events, start_server, tiny, tiny_engine, tiny_model_dir, wait_until_idle,
+    Server,
+    assert_still_serves,
+    http,
+    sse_events,
+    start_server,
+    tiny,
+    tiny_engine,
+    tiny_model_dir,
+    wait_until_idle,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

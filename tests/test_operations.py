@@ -22,15 +22,16 @@ import msgspec
 import pytest
 import pytest_asyncio
 import structlog
+from promql_subset import Evaluator, scrape
+from structlog.testing import capture_logs
+from test_server import Server, free_port, metrics, start_server, wait_until_idle
+
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, build_app
 from conveyor.runtime.server.endpoints import ROUTES, openapi_spec
 from conveyor.runtime.server.protocol import ErrorResponse
 from conveyor.runtime.server.stats_log import StatsLogger
-from promql_subset import Evaluator, scrape
-from structlog.testing import capture_logs
-from test_server import Server, free_port, metrics, start_server, wait_until_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -322,6 +323,7 @@ async def test_openapi_is_generated_from_the_wire_types(serve, http: aiohttp.Cli
 # -- startup --------------------------------------------------------------------------------
 async def test_loading_until_the_engine_attaches(engine: AsyncEngine, http: aiohttp.ClientSession) -> None:
     from aiohttp import web
+
     from conveyor.runtime.server.app import attach_engine
     from conveyor.runtime.server.serve import make_runner
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore
 from conveyor.runtime.tools.driver import run_until_idle
 from conveyor.runtime.worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes

@@ -428,8 +428,8 @@ def test_predictor_state_round_trips_through_json():
 
 def test_engine_keeps_the_predictor_across_restarts(tiny_llama_dir, tmp_path):
     from conveyor.runtime import EngineConfig
-    from conveyor.runtime.engine.config import ConfigError
     from conveyor.runtime.build import build_engine
+    from conveyor.runtime.engine.config import ConfigError
 
     path = tmp_path / "predictor.json"
     config = EngineConfig(model=str(tiny_llama_dir), schedule_policy="srtf", max_model_len=64,
@@ -550,9 +550,9 @@ def test_fair_share_weights_give_proportional_service():
 def test_tenant_weights_flag_reaches_the_fair_policy(tiny_llama_dir):
     import argparse
 
-    from conveyor.runtime.engine_args import add_engine_args, engine_config
-    from conveyor.runtime.engine.config import ConfigError, EngineConfig
     from conveyor.runtime.build import build_engine
+    from conveyor.runtime.engine.config import ConfigError, EngineConfig
+    from conveyor.runtime.engine_args import add_engine_args, engine_config
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -1,7 +1,15 @@
 """The scheduler with no model at all: lengths, budgets, pages and preemption."""
 
 from conveyor.memory import DynamicReservation, KVCacheManager
-from conveyor.scheduler import FCFSPolicy, FinishReason, Request, RequestStatus, SamplingParams, Scheduler, SchedulerLimits
+from conveyor.scheduler import (
+    FCFSPolicy,
+    FinishReason,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    Scheduler,
+    SchedulerLimits,
+)
 
 
 def make(max_seqs=8, budget=64, pages=64, page_size=4, chunked=True):

@@ -28,12 +28,13 @@ import pytest
 import pytest_asyncio
 import torch
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, build_app
 from conveyor.runtime.server.serve import make_runner
-from prometheus_client.parser import text_string_to_metric_families
-from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -44,8 +45,9 @@ TINY_MAX_LEN = 1024
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with SmolLM2's vocabulary, tokenizer and chat template."""
-    from conveyor.model.default_model import default_model_dir
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conveyor.model.default_model import default_model_dir
 
     out = tmp_path_factory.mktemp("tiny-chat")
     cfg = LlamaConfig(

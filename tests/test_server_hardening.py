@@ -21,10 +21,6 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from conveyor.runtime.async_engine import AsyncEngine
-from conveyor.runtime.engine.config import EngineConfig
-from conveyor.runtime.server.app import STATE, ServerSettings
-from conveyor.runtime.server.render import ChatRenderer
 from structlog.testing import capture_logs
 from test_server import (  # noqa: F401  (fixtures are found by name)
     CHAT,
@@ -44,6 +40,11 @@ from test_server import (  # noqa: F401  (fixtures are found by name)
     wait_for,
     wait_until_idle,
 )
+
+from conveyor.runtime.async_engine import AsyncEngine
+from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.server.app import STATE, ServerSettings
+from conveyor.runtime.server.render import ChatRenderer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

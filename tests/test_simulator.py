@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.runtime.engine.step_stats import StepRecord
 from conveyor.runtime.tools.simulator import (
     CostModel,
     ScenarioContext,
@@ -31,7 +32,6 @@ from conveyor.runtime.tools.simulator import (
     simulate,
     summarize,
 )
-from conveyor.runtime.engine.step_stats import StepRecord
 from conveyor.scheduler import SamplingParams
 from conveyor.scheduler.policies import POLICY_NAMES
 

@@ -4,12 +4,13 @@ new text, so a request's stops cost the same per token however many and long the
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from conveyor.runtime.engine.detokenizer import IncrementalDetokenizer
 from conveyor.runtime.engine.stop_matcher import StopMatcher
 from conveyor.scheduler import SamplingParams
 from conveyor.scheduler.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 alphabet = st.sampled_from("abc")
 stops_st = st.lists(st.text(alphabet, min_size=1, max_size=5), min_size=1, max_size=5, unique=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
+
 from conveyor.memory import KVCacheManager, SwapSpace, make_reservation
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.executor import BatchResult, Executor

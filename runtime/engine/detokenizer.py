@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from conveyor.runtime.engine.stop_matcher import StopMatcher
 from conveyor.scheduler import SamplingParams
-from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:

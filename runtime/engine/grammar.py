@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import structlog
+
 from conveyor.scheduler import InvalidRequestError, StructuredSpec
 
 log = structlog.get_logger("conveyor.structured")

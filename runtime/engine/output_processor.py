@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import structlog
+
 from conveyor.runtime.engine.detokenizer import IncrementalDetokenizer
 from conveyor.runtime.engine.executor import PromptLogprobRows
 from conveyor.runtime.engine.outputs import (

@@ -30,7 +30,12 @@ from conveyor.runtime.server.inputs import Plan, chat_plan, completion_plan
 from conveyor.runtime.server.metrics import CONTENT_TYPE, PREFIXES, EngineMetrics, HttpMetrics
 from conveyor.runtime.server.middleware import middlewares, on_response_prepare
 from conveyor.runtime.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
 )
 from conveyor.runtime.server.render import SSE_DONE, ChatRenderer, CompletionRenderer, Renderer, sse
 from conveyor.runtime.server.stats_log import StatsLogger

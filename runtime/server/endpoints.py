@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request
 from conveyor.runtime.server.protocol import (
     ChatCompletionChunk,

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
+
 from conveyor.runtime.server.protocol import ErrorBody, ErrorResponse
 from conveyor.scheduler import InvalidRequestError
 

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 import structlog
+
 from conveyor.runtime.server.errors import bad_request
 from conveyor.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
 from conveyor.scheduler import StructuredSpec

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
 from conveyor.runtime.engine.client import EngineClient
 from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from conveyor.runtime.engine.outputs import RequestOutput
-from conveyor.scheduler import Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from conveyor.runtime.engine.outputs import RequestOutput
+from conveyor.scheduler import Request
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so that quantiles from either engine compare.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

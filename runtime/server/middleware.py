@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
+
 from conveyor.runtime.server.errors import ApiError
 
 if TYPE_CHECKING:

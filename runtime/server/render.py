@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+
 from conveyor.runtime.engine.outputs import PromptLogprob, RequestOutput, SampleLogprobs
 from conveyor.runtime.server.inputs import Plan
 from conveyor.runtime.server.protocol import (

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
 from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, ServerState, attach_engine, build_app

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 import structlog
+
 from conveyor.runtime.engine.client import EngineClient, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.scheduler import Request

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
+
 from conveyor.memory import SwapOp
 from conveyor.model.sampling import Logprobs, SamplerOutput
 from conveyor.runtime.engine.executor import BatchResult, PromptLogprobRows

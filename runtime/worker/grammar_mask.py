@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import torch
+
 from conveyor.scheduler import ScheduledSeq
 
 MASK_WAIT_S = 120.0  # a sampler waiting longer than this for its mask is a bug, not a slow host

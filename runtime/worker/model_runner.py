@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
 from conveyor.memory.device.kv_swapper import KVSwapper
 from conveyor.model.attention import AttentionBackend, AttentionMetadata

@@ -6,13 +6,11 @@ Each policy has a file beside this one and a line in the registry (``policies/__
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import ClassVar, NamedTuple
 
 from conveyor.scheduler.length_predictor import LengthPredictor
-
 from conveyor.scheduler.request import Request
 
 

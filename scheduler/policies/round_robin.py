@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from conveyor.scheduler.policies.fair import tenant_of
 from conveyor.scheduler.policies.base import SchedulingPolicy
+from conveyor.scheduler.policies.fair import tenant_of
 from conveyor.scheduler.request import Request
 
 

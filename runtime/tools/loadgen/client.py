@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import msgspec
+
 from conveyor.runtime.tools.loadgen.workloads import WorkItem
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+
 from conveyor.runtime.engine_args import parse_range
 from conveyor.runtime.tools.loadgen import arrivals, workloads
 from conveyor.runtime.tools.loadgen.client import (

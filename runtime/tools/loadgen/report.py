@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
+
 from conveyor.runtime.tools.loadgen.client import RequestRecord
 
 PERCENTILES = (90, 95, 99)

@@ -329,8 +329,9 @@ def plot_bench(bench: Bench, out_dir: Any) -> list[Any]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
