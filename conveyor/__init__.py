@@ -25,20 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncEngine", "ConfigError", "EngineConfig", "InvalidRequestError", "LLM", "RequestOutput", "SamplingParams"]
 
-_HOMES = {
-    "AsyncEngine": "conveyor.runtime.async_engine",
-    "ConfigError": "conveyor.runtime.engine.config",
-    "EngineConfig": "conveyor.runtime.engine.config",
-    "LLM": "conveyor.runtime.llm",
-    "RequestOutput": "conveyor.runtime.engine.outputs",
-    "InvalidRequestError": "conveyor.scheduler",
-    "SamplingParams": "conveyor.scheduler",
-}
-
 
 def __getattr__(name: str) -> object:
-    if name not in _HOMES:
+    if name not in __all__:
         raise AttributeError(f"module 'conveyor' has no attribute {name!r}")
-    import importlib
+    import conveyor.runtime  # its own lazy table says where each name lives
 
-    return getattr(importlib.import_module(_HOMES[name]), name)
+    return getattr(conveyor.runtime, name)

@@ -44,7 +44,7 @@ def drive(config, jobs: list[Job]) -> dict:
     """Replay ``jobs`` against one engine; requests finish (as STOP) at their drawn length."""
     import torch
 
-    from conveyor.runtime.build import build_engine
+    from conveyor.runtime.build import build_engine, release_device_memory
     from conveyor.scheduler import FinishReason, Request, SamplingParams
 
     core = build_engine(config)
@@ -106,8 +106,7 @@ def drive(config, jobs: list[Job]) -> dict:
     result["cache_hit_rate"] = round(hits / (hits + computed), 4) if hits + computed else 0.0
     core.close()
     del core
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_device_memory()
     return result
 
 

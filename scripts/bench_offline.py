@@ -48,6 +48,7 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     import torch
 
     from conveyor.runtime import LLM, SamplingParams
+    from conveyor.runtime.build import release_device_memory
     from conveyor.runtime.engine.step_stats import OverlapSummary, write_chrome_trace
 
     llm = LLM(**{k: getattr(config, k) for k in config.__struct_fields__})
@@ -107,8 +108,7 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     core.check_integrity()
     llm.close()
     del llm, core
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_device_memory()
     return result, records
 
 

@@ -14,7 +14,6 @@ prefill and of those that only decode, TTFT and TPOT, output tok/s; then eager /
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import statistics
 import sys
@@ -84,14 +83,6 @@ def run(config: EngineConfig, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def free_device_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
@@ -105,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     base = engine_config(args)
     if base.max_piecewise_tokens == 0 or base.enforce_eager:
         p.error("piecewise graphs are what this compares: leave --max-piecewise-tokens above 0 and graphs on")
+    from conveyor.runtime.build import release_device_memory
+
     rows = {}
     for name, n in (("eager", 0), ("piecewise", base.max_piecewise_tokens)):
         rows[name] = run(msgspec.structs.replace(base, max_piecewise_tokens=n), args)
-        free_device_memory()  # the engine is gone: its model and KV pool must be before the next one's
+        release_device_memory()  # the engine is gone: its model and KV pool must be before the next one's
     print(f"{'metric':24}{'eager':>12}{'piecewise':>12}{'eager/pw':>10}")
     for key in rows["eager"]:
         e, pw = rows["eager"][key], rows["piecewise"][key]

@@ -30,7 +30,7 @@ def profile(config, batch: int, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from conveyor.runtime.build import build_engine
+    from conveyor.runtime.build import build_engine, release_device_memory
     from conveyor.scheduler import Request, SamplingParams
 
     core = build_engine(config)
@@ -69,8 +69,7 @@ def profile(config, batch: int, args: argparse.Namespace) -> None:
               f"{e.key[:110]}")
     core.close()
     del core
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_device_memory()
 
 
 def main() -> None:
