@@ -266,6 +266,8 @@ class EngineCore:
 
     def _recover(self, error: BaseException, failed: list[ScheduledBatch]) -> list[RequestOutput]:
         self.num_step_failures += 1
+        if isinstance(error, EngineFatalError):  # the executor says the device side is gone (a dead TP rank)
+            raise error
         lost = failed + [f.batch for f in self._in_flight]
         for f in self._in_flight:  # let the executor finish with them before their memory moves
             with contextlib.suppress(Exception):
