@@ -24,6 +24,7 @@ MAX_SLEEP_S = 2e-4
 ALIVE_EVERY_S = 0.05
 
 _fence_lock = threading.Lock()
+_created_here: set[str] = set()  # segments this process's writers own (and its resource tracker tracks)
 
 
 def _fence() -> None:
@@ -76,6 +77,7 @@ class RingWriter:
         self._shm.buf[:] = b"\0" * self._shm.size
         self._layout = _Layout(self._shm.buf, num_readers, num_slots, slot_bytes)
         self._next = 1
+        _created_here.add(self._shm.name)
 
     @property
     def name(self) -> str:
@@ -105,13 +107,14 @@ class RingWriter:
         self._layout = None  # type: ignore[assignment]  # drop the numpy views before the buffer
         self._shm.close()
         self._shm.unlink()
+        _created_here.discard(self._shm.name)
 
 
 class RingReader:
     def __init__(self, name: str, reader: int, num_readers: int, num_slots: int, slot_bytes: int) -> None:
         self._shm = shared_memory.SharedMemory(name=name)
-        # The writer owns the segment; this process's resource tracker must not unlink it at exit.
-        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        if name not in _created_here:  # the writer owns it: this process's tracker must not unlink it at exit
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
         self._layout = _Layout(self._shm.buf, num_readers, num_slots, slot_bytes)
         self.reader = reader
         self._next = 1

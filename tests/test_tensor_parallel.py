@@ -1,0 +1,303 @@
+"""Tensor parallelism on the CPU: TP=2 in two real processes (gloo) against TP=1 on the same weights.
+
+Logprobs (sampled and prompt) agree within fp32 tolerance and greedy tokens are equal, through
+chunked prefill, preemption in a small KV pool and prefix-cache hits, at depths 1 and 2; a killed
+worker rank fails the engine at once; ``conveyor serve --tensor-parallel-size 2`` answers. The
+ring, the wire format and the sharding rules are checked on their own, in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from conveyor.memory import SwapOp
+from conveyor.memory.swap_space import SwapKind
+from conveyor.model import resolve_model
+from conveyor.model.parallel import Sharding
+from conveyor.runtime.build import build_engine
+from conveyor.runtime.engine.config import ConfigError, EngineConfig
+from conveyor.runtime.engine.core import EngineCore, EngineFatalError
+from conveyor.runtime.tools.driver import run_until_idle
+from conveyor.runtime.worker import tp_wire
+from conveyor.runtime.worker.shm_ring import PeerGone, RingReader, RingWriter
+from conveyor.scheduler import PoolWrite, Request, SamplingParams, ScheduledBatch, ScheduledSeq
+from tests.conftest import kv_bytes_for_pages
+
+PAGES = 14  # small enough that six requests of ~70 tokens preempt each other
+BLOCK = 16
+DEADLINE_S = 60.0
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def engine_config(model_dir: Path, tp: int, **overrides: object) -> EngineConfig:
+    # Each rank's pool holds its share of the KV heads: the same page count takes 1/tp of the bytes.
+    kv = kv_bytes_for_pages(str(model_dir), PAGES, BLOCK) // tp
+    base = dict(model=str(model_dir), tensor_parallel_size=tp, kv_cache_memory=kv, block_size=BLOCK,
+                max_model_len=PAGES * BLOCK, max_num_batched_tokens=32, max_num_seqs=8, seed=0)
+    base.update(overrides)
+    return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+def prompt_set() -> list[tuple[list[int], SamplingParams]]:
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, 500, 40).tolist()  # two requests share 2 full pages: a prefix-cache hit
+    prompts = [shared + rng.integers(3, 500, 9).tolist(), shared + rng.integers(3, 500, 21).tolist()]
+    prompts += [rng.integers(3, 500, int(n)).tolist() for n in (5, 47, 33, 60)]
+    out = []
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=3, prompt_logprobs=2 if i == 3 else None,
+                                ignore_eos=True)
+        out.append((p, params))
+    return out
+
+
+class Run:
+    def __init__(self, core: EngineCore) -> None:
+        reqs = [core.inputs.make_request(p, params, request_id=f"r{i}") for i, (p, params) in enumerate(prompt_set())]
+        self.logprobs: dict[str, list[float]] = {r.request_id: [] for r in reqs}
+        self.prompt_logprobs: dict[str, list[float]] = {}
+
+        def collect(outputs: list) -> None:
+            for out in outputs:
+                assert out.error is None, out.error
+                self.logprobs[out.request_id] += [v for lp in out.logprobs or [] for v in
+                                                  [lp.logprob, *(t.logprob for t in lp.top)]]
+                if out.prompt_logprobs is not None:
+                    self.prompt_logprobs[out.request_id] = [x.logprob for x in out.prompt_logprobs if x is not None]
+
+        before = core.stats()
+        run_until_idle(core, reqs, after_step=collect)
+        after = core.stats()
+        self.tokens = {r.request_id: list(r.output_token_ids) for r in reqs}
+        self.preemptions = after.num_preemptions - before.num_preemptions
+        self.prefix_hits = after.prefix_hit_tokens - before.prefix_hit_tokens
+
+    def assert_matches(self, ref: Run) -> None:
+        assert self.tokens == ref.tokens
+        for rid, values in ref.logprobs.items():
+            np.testing.assert_allclose(self.logprobs[rid], values, atol=2e-4, rtol=0)
+        assert self.prompt_logprobs.keys() == ref.prompt_logprobs.keys() == {"r3"}
+        np.testing.assert_allclose(self.prompt_logprobs["r3"], ref.prompt_logprobs["r3"], atol=2e-4, rtol=0)
+
+
+def reference(model_dir: Path) -> Run:
+    core = build_engine(engine_config(model_dir, 1))
+    try:
+        return Run(core)
+    finally:
+        core.close()
+
+
+def test_tp2_llama_matches_tp1_through_chunking_preemption_and_the_prefix_cache(tiny_llama_dir: Path) -> None:
+    """One TP group at a time per process (the default process group): both depths on one engine."""
+    ref = reference(tiny_llama_dir)
+    assert ref.preemptions > 0  # the pool is small enough to preempt
+    core = build_engine(engine_config(tiny_llama_dir, 2))
+    try:
+        assert core.executor.kv_layout.num_pages == PAGES
+        run = Run(core)
+        assert run.preemptions > 0
+        run.assert_matches(ref)
+        core.pipeline_depth = 1  # the same ranks: depth is the engine's alone
+        again = Run(core)
+        assert again.prefix_hits > 0  # the same prompts again: their pages are cached
+        again.assert_matches(ref)
+    finally:
+        core.close()
+
+
+def test_tp2_debug_checks_hash_sampled_ids_across_ranks(tiny_qwen3_dir: Path) -> None:
+    """Qwen3 (q/k norms, tied embeddings) at TP=2, with every step's ids and argmax compared across ranks."""
+    ref = reference(tiny_qwen3_dir)
+    old = os.environ.get("CONVEYOR_DEBUG_CHECKS")
+    os.environ["CONVEYOR_DEBUG_CHECKS"] = "1"  # read by every rank at startup
+    try:
+        core = build_engine(engine_config(tiny_qwen3_dir, 2))
+    finally:
+        if old is None:
+            os.environ.pop("CONVEYOR_DEBUG_CHECKS")
+        else:
+            os.environ["CONVEYOR_DEBUG_CHECKS"] = old
+    try:
+        assert core.executor.local.runner.debug_checks
+        Run(core).assert_matches(ref)
+    finally:
+        core.close()
+
+
+def test_killed_worker_rank_fails_the_engine_and_its_streams(tiny_llama_dir: Path) -> None:
+    from conveyor.runtime.async_engine import AsyncEngine
+    from conveyor.runtime.engine.client import EngineDeadError
+
+    async def scenario() -> None:
+        engine = await AsyncEngine.create(engine_config(tiny_llama_dir, 2, max_model_len=None,
+                                                        kv_cache_memory=64 << 20))
+        ranks = engine.core.executor.ranks
+        pid = ranks.pids[0]
+        try:
+            got = 0
+            with pytest.raises(EngineDeadError):
+                async for out in engine.generate(list(range(3, 40)), SamplingParams(max_tokens=900, ignore_eos=True)):
+                    got += len(out.token_ids)
+                    if got >= 3 and ranks.alive():
+                        os.kill(pid, signal.SIGKILL)
+            assert got < 900
+            wait_for(lambda: not engine.is_alive, "the engine thread to stop")
+            assert "rank 1" in (ranks.dead or "") and f"pid {pid}" in (ranks.dead or "")
+        finally:
+            await asyncio.wait_for(engine.shutdown(), DEADLINE_S)
+            engine.core.executor.close()
+        assert all(p.poll() is not None for p in ranks.procs)
+
+    asyncio.run(asyncio.wait_for(scenario(), 2 * DEADLINE_S))
+
+
+def test_unshardable_models_are_refused_before_any_rank_starts(default_dir: Path) -> None:
+    # SmolLM2-135M has 9 attention heads: not a multiple of 2.
+    with pytest.raises(ConfigError, match="9 attention heads"):
+        build_engine(EngineConfig(model=str(default_dir), tensor_parallel_size=2))
+
+
+def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
+         "--tensor-parallel-size", "2", "--kv-cache-memory", "64MiB", "--max-model-len", "256"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    stderr: list[bytes] = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr or []), daemon=True).start()
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(url + path, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    try:
+        wait_for(lambda: proc.poll() is not None or status("/health") == 200, "the server", 120)
+        assert proc.poll() is None, b"".join(stderr).decode()[-3000:]
+        body = json.dumps({"prompt": "Hello", "max_tokens": 5, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = json.loads(resp.read())
+        assert answer["usage"]["completion_tokens"] == 5
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        workers = [c for c in children if b"tp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)  # a dead rank: the server says so, and stays up to say it
+        with pytest.raises(urllib.error.HTTPError):  # the request that finds the rank dead fails
+            with urllib.request.urlopen(req, timeout=30):
+                pass
+        wait_for(lambda: status("/health") == 503, "/health to report the dead engine")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the parts, in-process ------------------------------------------------------------------
+
+def test_ring_carries_messages_longer_than_a_slot_to_every_reader() -> None:
+    writer = RingWriter(num_readers=2, num_slots=3, slot_bytes=64)
+    readers = [RingReader(writer.name, r, 2, 3, 64) for r in range(2)]
+    messages = [bytes([i]) * n for i, n in enumerate((1, 64, 65, 500, 0, 7) * 3)]
+    got: list[list[bytes]] = [[], []]
+
+    def read(r: int) -> None:
+        for _ in messages:
+            got[r].append(readers[r].read(lambda: True))
+
+    threads = [threading.Thread(target=read, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for m in messages:  # 3 slots: the writer must wait for both readers many times over
+        writer.write(m, lambda: True)
+    for t in threads:
+        t.join(DEADLINE_S)
+    assert got == [messages, messages]
+    for r in readers:
+        r.close()
+    writer.close()
+
+
+def test_ring_waits_give_up_when_the_peer_is_gone() -> None:
+    writer = RingWriter(num_readers=1, num_slots=2, slot_bytes=16)
+    reader = RingReader(writer.name, 0, 1, 2, 16)
+    with pytest.raises(PeerGone):
+        reader.read(lambda: False)  # nothing written, writer "dead"
+    writer.write(b"a", lambda: True)
+    writer.write(b"b", lambda: True)
+    with pytest.raises(PeerGone):
+        writer.write(b"c", lambda: False)  # both slots unread, reader "dead"
+    reader.close()
+    writer.close()
+
+
+def test_wire_round_trip_keeps_what_the_runner_reads() -> None:
+    req = Request("a", list(range(40)), SamplingParams(max_tokens=4, prompt_logprobs=2), 4)
+    other = Request("b", [1, 2, 3], SamplingParams(max_tokens=4), 4)
+    seqs = (ScheduledSeq(other, slot=3, start=2, num_tokens=1, samples=True, pages=(7, 8, 9), sample_index=1, epoch=0),
+            ScheduledSeq(req, slot=1, start=16, num_tokens=20, samples=False, pages=(4, 5, 6, 11), sample_index=0,
+                         epoch=2))
+    batch = ScheduledBatch(9, seqs, 1, (PoolWrite(1, 0, (5, 6, 7)),), (), (SwapOp(SwapKind.OUT, 3, (4, 5)),), (2,))
+    msg = tp_wire.decode(tp_wire.encode_batch(batch, page_size=16))
+    assert isinstance(msg, tp_wire.BatchMsg)
+    back = tp_wire.decode_batch(msg)
+    assert (back.step_id, back.num_decodes, back.freed_slots, back.swaps) == (9, 1, (2,), batch.swaps)
+    assert [(w.slot, w.start, list(w.token_ids)) for w in back.pool_writes] == [(1, 0, [5, 6, 7])]
+    for a, b in zip(back.seqs, seqs):
+        assert (a.slot, a.start, a.num_tokens, a.samples, a.sample_index) == \
+               (b.slot, b.start, b.num_tokens, b.samples, b.sample_index)
+    assert [list(s.pages) for s in back.seqs] == [[7], [4, 5, 6]]  # only the pages the KV reaches
+    assert back.seqs[1].request.params.prompt_logprobs == 2 and back.seqs[1].request.num_prompt_tokens == 40
+    assert back.seqs[0].request.params.prompt_logprobs is None
+
+
+def test_sharding_splits_heads_and_replicates_kv_heads_below_the_rank_count() -> None:
+    cfg = resolve_model("tiny-llama").config  # 4 heads, 2 KV heads, head_dim 16
+    two = [Sharding(cfg, r, 2) for r in range(2)]
+    assert [s.kv[1:3] for s in two] == [(0, 16), (16, 32)]
+    four = [Sharding(cfg, r, 4) for r in range(4)]
+    assert [s.q[1:3] for s in four] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert [s.kv[1:3] for s in four] == [(0, 16), (0, 16), (16, 32), (16, 32)]  # query heads 0,1 read KV head 0
+    assert all(s.local_config().num_kv_heads == 1 for s in four)
+    full = torch.arange(cfg.vocab_size * 2.0).view(cfg.vocab_size, 2)
+    cfg3 = msgspec.structs.replace(cfg, num_heads=6, num_kv_heads=3, intermediate_size=126)
+    three = [Sharding(cfg3, r, 3) for r in range(3)]  # 512 rows: 171 each, the last padded with a zero row
+    parts = [s.slice_fused("embed_tokens.weight", full) for s in three]
+    assert [p.shape[0] for p in parts] == [171] * 3
+    assert torch.equal(torch.cat(parts)[: cfg.vocab_size], full) and not parts[2][-1].any()
