@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 from conveyor.model.config import ModelConfig, ModelConfigError
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated since); pyproject allows torch >= 2.5.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class TensorParallel:
     """One rank's view of the group: its rank, the group size and the collectives the decoder calls.
@@ -40,7 +43,7 @@ class TensorParallel:
         """[T, N] on each rank -> [T, size * N], rank r's columns at r * N."""
         x = x.contiguous()
         out = x.new_empty((self.size * x.shape[0], x.shape[1]))
-        dist.all_gather_single(out, x, group=self.group)
+        _all_gather_single(out, x, group=self.group)
         return out.view(self.size, x.shape[0], x.shape[1]).permute(1, 0, 2).reshape(x.shape[0], -1)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:

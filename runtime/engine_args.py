@@ -73,7 +73,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = type(default)
         elif default is None:
             kwargs["type"] = str if field.name in ("served_model_name", "tokenizer", "length_predictor_path") else int
-        group.add_argument(flag, **kwargs)
+        aliases = ["-tp"] if field.name == "tensor_parallel_size" else []  # vLLM's short form
+        group.add_argument(flag, *aliases, **kwargs)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

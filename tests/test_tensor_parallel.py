@@ -212,7 +212,8 @@ def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: P
         with urllib.request.urlopen(req, timeout=30) as resp:
             answer = json.loads(resp.read())
         assert answer["usage"]["completion_tokens"] == 5
-        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        children = [int(c) for task in Path(f"/proc/{proc.pid}/task").iterdir()  # spawned by whichever thread built it
+                    for c in (task / "children").read_text().split()]
         workers = [c for c in children if b"tp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)  # a dead rank: the server says so, and stays up to say it
@@ -301,3 +302,34 @@ def test_sharding_splits_heads_and_replicates_kv_heads_below_the_rank_count() ->
     parts = [s.slice_fused("embed_tokens.weight", full) for s in three]
     assert [p.shape[0] for p in parts] == [171] * 3
     assert torch.equal(torch.cat(parts)[: cfg.vocab_size], full) and not parts[2][-1].any()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not reaped yet
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_ranks_exit_when_rank_0_is_killed(tiny_llama_dir: Path) -> None:
+    code = ("import time; from conveyor.runtime.build import build_engine; "
+            "from conveyor.runtime.engine.config import EngineConfig; "
+            f"core = build_engine(EngineConfig(model={str(tiny_llama_dir)!r}, tensor_parallel_size=2, "
+            "kv_cache_memory=64 << 20)); print('PID', core.executor.ranks.pids[0], flush=True); time.sleep(600)")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    line: list[bytes] = []
+    threading.Thread(target=lambda: line.extend(x for x in proc.stdout or [] if x.startswith(b"PID ")),
+                     daemon=True).start()
+    try:
+        wait_for(lambda: bool(line) or proc.poll() is not None, "rank 0 to start its group", 120)
+        worker = int(line[0].split()[1])
+        assert not _gone(worker)
+        proc.kill()  # no atexit, no close: only the rank's own watchdog can notice
+        proc.wait(DEADLINE_S)
+        wait_for(lambda: _gone(worker), "the orphaned rank to exit", 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,6 +15,7 @@ liveness; the ranks are killed when the engine fails or closes, and at interpret
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import subprocess
 import sys
@@ -50,6 +51,7 @@ log = structlog.get_logger("conveyor.tp")
 # is noticed far sooner, by its exit.
 TIMEOUT_S = float(os.environ.get("CONVEYOR_TP_TIMEOUT_S", "600"))
 STOP_GRACE_S = 10.0
+SETTLE_S = 1.0  # a failed collective usually means a rank died: how long to look for its exit
 RING_SLOTS = 8
 RING_SLOT_BYTES = 1 << 20
 
@@ -85,6 +87,15 @@ class RankProcesses:
 
     def alive(self) -> bool:
         return self.dead is None
+
+    def settle(self, within_s: float) -> None:
+        """After a collective failed: give a rank that is exiting (the likely cause) time to be seen."""
+        deadline = time.monotonic() + within_s
+        while self.dead is None and time.monotonic() < deadline:
+            for rank, proc in enumerate(self.procs, start=1):
+                if (code := proc.poll()) is not None and self.dead is None:
+                    self.dead = f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {code}"
+            time.sleep(0.01)
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Wait up to ``grace_s`` for the ranks to exit on their own, then kill those left."""
@@ -183,6 +194,7 @@ class TensorParallelExecutor:
     def _fail(self, error: Exception | None) -> TensorParallelError:
         if isinstance(error, TensorParallelError):
             return error
+        self.ranks.settle(SETTLE_S)
         reason = self.ranks.dead or f"tensor-parallel step failed: {error!r}"
         self.ranks.dead = reason
         self.ranks.stop()  # the group cannot be resynchronised: free the devices, unblock rank 0's collectives
@@ -220,7 +232,8 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource, max_model_l
     ring = RingWriter(size - 1, RING_SLOTS, RING_SLOT_BYTES)
     specs = [RankSpec(config=config, rank=r, store_port=store.port, ring_name=ring.name, ring_slots=RING_SLOTS,
                       ring_slot_bytes=RING_SLOT_BYTES, max_model_len=max_model_len, output_vocab=output_vocab,
-                      eos_token_ids=eos_token_ids, parent_pid=os.getpid(), timeout_s=TIMEOUT_S)
+                      eos_token_ids=eos_token_ids, parent_pid=os.getpid(), timeout_s=TIMEOUT_S,
+                      log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
              for r in range(1, size)]
     ranks = RankProcesses(specs)
     try:

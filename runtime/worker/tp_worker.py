@@ -28,6 +28,7 @@ import torch.distributed as dist
 from conveyor.model import resolve_model
 from conveyor.model.parallel import TensorParallel
 from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.logging import configure_logging
 from conveyor.runtime.worker import tp_wire
 from conveyor.runtime.worker.shm_ring import RingReader
 from conveyor.runtime.worker.tp_runner import ParallelModelRunner
@@ -52,6 +53,7 @@ class RankSpec(msgspec.Struct, kw_only=True, frozen=True):
     eos_token_ids: tuple[int, ...]
     parent_pid: int
     timeout_s: float
+    log_level: str = "warning"  # rank 0's; the ranks log to stderr like it, never to stdout
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -103,6 +105,7 @@ def serve(worker: Worker, ring: RingReader, parent_alive: Callable[[], bool]) ->
 
 def main(argv: list[str] | None = None) -> int:
     spec = msgspec.json.decode((argv or sys.argv[1:])[0], type=RankSpec)
+    configure_logging(spec.log_level)
     threading.Thread(target=_watch_parent, args=(spec.parent_pid,), name="conveyor-tp-parent", daemon=True).start()
     config = rank_config(spec.config, spec.rank)
     if resolve_device(config).type == "cpu":  # ranks share the host's cores
