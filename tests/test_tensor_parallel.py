@@ -30,6 +30,7 @@ from conveyor.memory import SwapOp
 from conveyor.memory.swap_space import SwapKind
 from conveyor.model import resolve_model
 from conveyor.model.parallel import Sharding
+from conveyor.model.presets import preset
 from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore, EngineFatalError
@@ -143,6 +144,34 @@ def test_tp2_debug_checks_hash_sampled_ids_across_ranks(tiny_qwen3_dir: Path) ->
             os.environ["CONVEYOR_DEBUG_CHECKS"] = old
     try:
         assert core.executor.local.runner.debug_checks
+        Run(core).assert_matches(ref)
+    finally:
+        core.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2's q/k/v biases and a single KV head: at TP=2 both ranks hold a replica of it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{**preset("tiny-llama"), "model_type": "qwen2", "num_key_value_heads": 1})
+    torch.manual_seed(1)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)  # biases too, so a mis-sliced bias shows
+    out = tmp_path_factory.mktemp("tiny-qwen2-kv1")
+    hf.save_pretrained(str(out))
+    return out
+
+
+def test_tp2_replicates_a_kv_head_shared_by_both_ranks(tiny_qwen2_one_kv_head_dir: Path) -> None:
+    ref = reference(tiny_qwen2_one_kv_head_dir)
+    # Replicated, a rank's pages are as large as TP=1's: the same bytes give the same page count.
+    kv = kv_bytes_for_pages(str(tiny_qwen2_one_kv_head_dir), PAGES, BLOCK)
+    core = build_engine(engine_config(tiny_qwen2_one_kv_head_dir, 2, kv_cache_memory=kv))
+    try:
+        assert core.executor.kv_layout.num_pages == PAGES and core.executor.worker.kv_pool.data.shape[-2] == 1
         Run(core).assert_matches(ref)
     finally:
         core.close()
@@ -333,3 +362,25 @@ def test_worker_ranks_exit_when_rank_0_is_killed(tiny_llama_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tp2_on_two_gpus_with_graphs_matches_tp1(tiny_llama_dir: Path) -> None:
+    """NCCL, with the collectives captured in the decode and piecewise graphs (bf16: a looser tolerance)."""
+    def run(tp: int) -> Run:
+        core = build_engine(engine_config(tiny_llama_dir, tp, device="cuda", kv_cache_memory=None,
+                                          gpu_memory_utilization=0.3, max_model_len=None))
+        try:
+            runner = core.executor.worker.runner if tp == 1 else core.executor.local.runner
+            assert runner.graphs is not None and runner.pieces is not None
+            return Run(core)
+        finally:
+            core.close()
+
+    ref, tp2 = run(1), run(2)
+    agree = sum(a == b for rid in ref.tokens for a, b in zip(ref.tokens[rid], tp2.tokens[rid]))
+    assert agree >= 0.95 * sum(map(len, ref.tokens.values()))
+    first = [(rid, toks[0]) for rid, toks in ref.tokens.items()]
+    assert first == [(rid, toks[0]) for rid, toks in tp2.tokens.items()]
+    np.testing.assert_allclose(tp2.prompt_logprobs["r3"], ref.prompt_logprobs["r3"], atol=0.1, rtol=0)
