@@ -9,6 +9,8 @@ requests are stand-ins carrying only what the runner reads, so each rank prepare
 
 from __future__ import annotations
 
+import itertools
+
 import msgspec
 import numpy as np
 
@@ -70,21 +72,16 @@ def decode_swaps(ops: list[tuple[str, int, bytes]]) -> tuple[SwapOp, ...]:
 
 def encode_batch(batch: ScheduledBatch, page_size: int) -> bytes:
     seqs = batch.seqs
-    n = len(seqs)
-    cols = np.empty((n, 5), dtype=np.int64)
-    counts = np.empty(n, dtype=np.int64)
-    pages: list[int] = []
-    plp = []
-    for i, s in enumerate(seqs):
-        k = -(-(s.start + s.num_tokens) // page_size)
-        cols[i] = (s.slot, s.start, s.num_tokens, s.samples, s.sample_index)
-        counts[i] = k
-        pages.extend(s.pages[:k])
-        if s.request.params.prompt_logprobs is not None:
-            plp.append((i, s.request.params.prompt_logprobs, s.request.num_prompt_tokens))
+    cols = np.array([(s.slot, s.start, s.num_tokens, s.samples, s.sample_index) for s in seqs],
+                    dtype=np.int64).reshape(-1, 5)
+    counts = (cols[:, 1] + cols[:, 2] + page_size - 1) // page_size
+    pages = np.fromiter(itertools.chain.from_iterable(s.pages[:k] for s, k in zip(seqs, counts.tolist())),
+                        dtype=np.int32)
+    plp = [(i, s.request.params.prompt_logprobs, s.request.num_prompt_tokens) for i, s in enumerate(seqs)
+           if s.request.params.prompt_logprobs is not None]
     return encode(BatchMsg(
         step_id=batch.step_id, num_decodes=batch.num_decodes, seqs=cols.tobytes(), page_counts=counts.tobytes(),
-        pages=_ids(pages), writes=[(w.slot, w.start, _ids(w.token_ids)) for w in batch.pool_writes],
+        pages=pages.tobytes(), writes=[(w.slot, w.start, _ids(w.token_ids)) for w in batch.pool_writes],
         swaps=encode_swaps(batch.swaps), freed_slots=list(batch.freed_slots), prompt_logprobs=plp,
     ))
 
@@ -102,10 +99,11 @@ def decode_batch(msg: BatchMsg) -> ScheduledBatch:
     requests = [_STAND_IN] * len(cols)
     for i, k, prompt_len in msg.prompt_logprobs:  # targets are never read off this rank: zeros do
         requests[i] = Request(f"tp-plp-{i}", [0] * prompt_len, SamplingParams(max_tokens=1, prompt_logprobs=k), 1)
+    b = bounds.tolist()
     seqs = tuple(
-        ScheduledSeq(requests[i], slot=int(c[0]), start=int(c[1]), num_tokens=int(c[2]), samples=bool(c[3]),
-                     pages=pages[bounds[i]:bounds[i + 1]], sample_index=int(c[4]), epoch=0)  # type: ignore[arg-type]
-        for i, c in enumerate(cols.tolist())
+        ScheduledSeq(requests[i], slot, start, num_tokens, bool(samples), pages[b[i]:b[i + 1]],  # type: ignore[arg-type]
+                     sample_index, 0)
+        for i, (slot, start, num_tokens, samples, sample_index) in enumerate(cols.tolist())
     )
     writes = tuple(PoolWrite(slot, start, np.frombuffer(ids, dtype=np.int32).tolist()) for slot, start, ids in msg.writes)
     return ScheduledBatch(msg.step_id, seqs, msg.num_decodes, writes, (), decode_swaps(msg.swaps),
