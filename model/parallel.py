@@ -118,7 +118,7 @@ class Sharding:
 
     def slice_fused(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of one of our (fused) parameters, from its full tensor (dummy weights)."""
-        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+        if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
             q, kv = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
             parts = full.split([q, kv, kv])
             return torch.cat([take(parts[0], self.q), take(parts[1], self.kv), take(parts[2], self.kv)])

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +35,7 @@ from conveyor.model.parallel import Sharding
 from conveyor.model.presets import preset
 from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
-from conveyor.runtime.engine.core import EngineCore, EngineFatalError
+from conveyor.runtime.engine.core import EngineCore
 from conveyor.runtime.tools.driver import run_until_idle
 from conveyor.runtime.worker import tp_wire
 from conveyor.runtime.worker.shm_ring import PeerGone, RingReader, RingWriter
@@ -56,8 +58,8 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -
 def engine_config(model_dir: Path, tp: int, **overrides: object) -> EngineConfig:
     # Each rank's pool holds its share of the KV heads: the same page count takes 1/tp of the bytes.
     kv = kv_bytes_for_pages(str(model_dir), PAGES, BLOCK) // tp
-    base = dict(model=str(model_dir), tensor_parallel_size=tp, kv_cache_memory=kv, block_size=BLOCK,
-                max_model_len=PAGES * BLOCK, max_num_batched_tokens=32, max_num_seqs=8, seed=0)
+    base = {"model": str(model_dir), "tensor_parallel_size": tp, "kv_cache_memory": kv, "block_size": BLOCK,
+            "max_model_len": PAGES * BLOCK, "max_num_batched_tokens": 32, "max_num_seqs": 8, "seed": 0}
     base.update(overrides)
     return EngineConfig(**base)  # type: ignore[arg-type]
 
@@ -165,14 +167,21 @@ def tiny_qwen2_one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_tp2_replicates_a_kv_head_shared_by_both_ranks(tiny_qwen2_one_kv_head_dir: Path) -> None:
-    ref = reference(tiny_qwen2_one_kv_head_dir)
+def test_tp2_replicates_a_kv_head_and_swaps_preempted_kv(tiny_qwen2_one_kv_head_dir: Path) -> None:
+    """One KV head on both ranks, and swap preemption: every rank copies its KV shard out and back."""
+    ref_core = build_engine(engine_config(tiny_qwen2_one_kv_head_dir, 1, preemption_mode="swap"))
+    try:
+        ref = Run(ref_core)
+    finally:
+        ref_core.close()
     # Replicated, a rank's pages are as large as TP=1's: the same bytes give the same page count.
     kv = kv_bytes_for_pages(str(tiny_qwen2_one_kv_head_dir), PAGES, BLOCK)
-    core = build_engine(engine_config(tiny_qwen2_one_kv_head_dir, 2, kv_cache_memory=kv))
+    core = build_engine(engine_config(tiny_qwen2_one_kv_head_dir, 2, kv_cache_memory=kv, preemption_mode="swap"))
     try:
         assert core.executor.kv_layout.num_pages == PAGES and core.executor.worker.kv_pool.data.shape[-2] == 1
-        Run(core).assert_matches(ref)
+        run = Run(core)
+        assert core.stats().num_swapped_in > 0 and ref_core.stats().num_swapped_in > 0
+        run.assert_matches(ref)
     finally:
         core.close()
 
@@ -241,14 +250,20 @@ def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: P
         with urllib.request.urlopen(req, timeout=30) as resp:
             answer = json.loads(resp.read())
         assert answer["usage"]["completion_tokens"] == 5
+        # A grammar row: rank 0 fills the mask and samples; the other rank never sees the mask.
+        body = json.dumps({"prompt": "Code:", "max_tokens": 12, "temperature": 0.8, "seed": 3,
+                           "structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}}).encode()
+        constrained = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(constrained, timeout=30) as resp:
+            text = json.loads(resp.read())["choices"][0]["text"]
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
         children = [int(c) for task in Path(f"/proc/{proc.pid}/task").iterdir()  # spawned by whichever thread built it
                     for c in (task / "children").read_text().split()]
         workers = [c for c in children if b"tp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)  # a dead rank: the server says so, and stays up to say it
-        with pytest.raises(urllib.error.HTTPError):  # the request that finds the rank dead fails
-            with urllib.request.urlopen(req, timeout=30):
-                pass
+        with pytest.raises(urllib.error.HTTPError), urllib.request.urlopen(req, timeout=30):
+            pass  # the request that finds the rank dead fails
         wait_for(lambda: status("/health") == 503, "/health to report the dead engine")
     finally:
         proc.send_signal(signal.SIGTERM)

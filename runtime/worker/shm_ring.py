@@ -38,7 +38,7 @@ class PeerGone(RuntimeError):
     """The other side is gone (``alive()`` said so) while waiting on it."""
 
 
-def poll_until(ready: Callable[[], bool], alive: Callable[[], bool], what: str) -> None:
+def poll_until(ready: Callable[[], bool], alive: Callable[[], bool], what: str, max_sleep_s: float = MAX_SLEEP_S) -> None:
     if ready():
         return
     for _ in range(SPIN):
@@ -47,7 +47,7 @@ def poll_until(ready: Callable[[], bool], alive: Callable[[], bool], what: str) 
     sleep, checked = 1e-5, time.monotonic()
     while not ready():
         time.sleep(sleep)
-        sleep = min(sleep * 2, MAX_SLEEP_S)
+        sleep = min(sleep * 2, max_sleep_s)
         now = time.monotonic()
         if now - checked > ALIVE_EVERY_S:
             checked = now
@@ -90,7 +90,7 @@ class RingWriter:
         while True:
             k = self._next
             slot = k % lay.num_slots
-            poll_until(lambda: int(lay.acks.min()) >= k - lay.num_slots, alive, "a reader to free a slot")
+            poll_until(lambda k=k: int(lay.acks.min()) >= k - lay.num_slots, alive, "a reader to free a slot")
             chunk = view[offset: offset + lay.slot_bytes]
             offset += len(chunk)
             more = offset < len(view)
@@ -126,7 +126,7 @@ class RingReader:
             k = self._next
             slot = k % lay.num_slots
             header = lay.headers[slot]
-            poll_until(lambda: int(header[0]) == k, alive, "the writer's next message")
+            poll_until(lambda h=header, k=k: int(h[0]) == k, alive, "the writer's next message")
             _fence()
             n, more = int(header[1]), bool(header[2])
             parts.append(bytes(lay.payloads[slot][:n]))

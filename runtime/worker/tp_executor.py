@@ -51,6 +51,7 @@ log = structlog.get_logger("conveyor.tp")
 # is noticed far sooner, by its exit.
 TIMEOUT_S = float(os.environ.get("CONVEYOR_TP_TIMEOUT_S", "600"))
 STOP_GRACE_S = 10.0
+WAIT_SLEEP_S = 5e-5  # the longest sleep between polls of a batch's end: the read-back latency it may add
 SETTLE_S = 1.0  # a failed collective usually means a rank died: how long to look for its exit
 RING_SLOTS = 8
 RING_SLOT_BYTES = 1 << 20
@@ -144,7 +145,8 @@ class TensorParallelExecutor:
     def wait(self, launched: Launched) -> BatchResult:
         self._check()
         try:
-            poll_until(lambda: self.local.ready(launched), self.ranks.alive, "a tensor-parallel batch")
+            # Polled, not blocked on: a rank that died leaves NCCL waiting forever, and must be noticed.
+            poll_until(lambda: self.local.ready(launched), self.ranks.alive, "a tensor-parallel batch", WAIT_SLEEP_S)
             return self.local.wait(launched)
         except Exception as e:
             raise self._fail(e) from e
