@@ -213,6 +213,21 @@ def test_killed_worker_rank_fails_the_engine_and_its_streams(tiny_llama_dir: Pat
     asyncio.run(asyncio.wait_for(scenario(), 2 * DEADLINE_S))
 
 
+@pytest.mark.slow
+def test_default_model_at_tp3_answers_as_tp1(default_llm) -> None:
+    """SmolLM2-135M (9 heads, 3 KV heads: it splits 3 ways, not 2), three processes against the shared TP=1 LLM."""
+    from conveyor.runtime import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ref = [c.token_ids for c in default_llm.generate(prompts, params, use_tqdm=False)]
+    llm = LLM("default", tensor_parallel_size=3, kv_cache_memory=32 << 20, max_model_len=256)
+    try:
+        assert [c.token_ids for c in llm.generate(prompts, params, use_tqdm=False)] == ref
+    finally:
+        llm.close()
+
+
 def test_unshardable_models_are_refused_before_any_rank_starts(default_dir: Path) -> None:
     # SmolLM2-135M has 9 attention heads: not a multiple of 2.
     with pytest.raises(ConfigError, match="9 attention heads"):
