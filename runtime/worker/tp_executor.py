@@ -178,7 +178,9 @@ class TensorParallelExecutor:
         self.ranks.stop(STOP_GRACE_S if healthy else 0.0)  # killed ranks fail rank 0's pending collectives
         self.local.close()
         self._release()
-        if healthy and dist.is_initialized():
+        # gloo tears down without its peers; NCCL, after a rank died, may block in a hung kernel's
+        # teardown: that group is left to the process's exit.
+        if dist.is_initialized() and (healthy or self.worker.device.type == "cpu"):
             dist.destroy_process_group()
 
     # -- failure -----------------------------------------------------------------------------
