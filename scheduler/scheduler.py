@@ -104,7 +104,13 @@ class Scheduler:
                     self._preempt(victim)
                     evicted.append(victim)
 
-        for req in self.policy.order_running(self.running):
+        # Decodes before prefill chunks, each group in the policy's order: a chunk ranked ahead of
+        # the decodes would take the whole token budget and stall every decode for a step (with
+        # sjf/srtf a promoted long request often prefills ahead of younger decoding ones).
+        ordered = self.policy.order_running(self.running)
+        decoding = [r for r in ordered if r.num_tokens - r.num_computed_tokens <= 1]
+        ordered = decoding + [r for r in ordered if r.num_tokens - r.num_computed_tokens > 1]
+        for req in ordered:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop

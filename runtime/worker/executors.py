@@ -12,6 +12,7 @@ launched meanwhile is held back so stream order stays launch order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections import deque
@@ -158,6 +159,9 @@ class CudaExecutor(_WorkerExecutor):
         self._anchor_host = time.perf_counter()
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        # The staging has one device buffer, rewritten (in stream order) by every prepare: a held
+        # batch whose forward is not enqueued yet would read this batch's inputs.
+        assert all(h.start is not None for h in self._pending), "prepare while a held forward is not enqueued"
         with self._debug():
             return self.runner.prepare(batch)
 
@@ -177,6 +181,11 @@ class CudaExecutor(_WorkerExecutor):
         h.start = torch.cuda.Event(enable_timing=True)
         h.start.record()
         h.logits = self.runner.forward(h.prepared)
+        if h.prepared.grammar is not None and not h.prepared.grammar.filled:
+            # Its sampling waits for the mask, likely past the next prepare, which rewrites the shared
+            # device staging: keep its own copy of the indices the sampler reads from there.
+            h.prepared = dataclasses.replace(h.prepared, sample_slots=h.prepared.sample_slots.clone(),
+                                             sample_positions=h.prepared.sample_positions.clone())
 
     def _pump(self) -> None:
         """Enqueue held batches in launch order, up to the first whose mask is not filled yet.
