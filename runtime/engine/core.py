@@ -343,7 +343,8 @@ class EngineCore:
     def close(self) -> None:
         while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
             self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
-            self.executor.wait(self._in_flight.popleft().launched)
+            with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
+                self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
         if self._predictor_path is not None:
             assert self.scheduler.policy.predictor is not None

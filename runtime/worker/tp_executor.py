@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -118,7 +119,8 @@ class _Prepared(NamedTuple):
 class TensorParallelExecutor:
     """Rank 0's executor of a tensor-parallel group; the ``Executor`` protocol over ``local``."""
 
-    def __init__(self, local: CpuExecutor | CudaExecutor, ranks: RankProcesses, ring: RingWriter) -> None:
+    def __init__(self, local: CpuExecutor | CudaExecutor, ranks: RankProcesses, ring: RingWriter,
+                 store: dist.Store) -> None:
         self.local = local
         self.worker: Worker = local.worker
         self.kv_layout = local.kv_layout
@@ -126,7 +128,7 @@ class TensorParallelExecutor:
         self.ring = ring
         self._page_size = self.worker.kv_pool.page_size
         self._closed = False
-        self.store: dist.Store | None = None
+        self.store = store  # the group's rendezvous lives as long as the group
         atexit.register(self._release)
 
     # -- the protocol ------------------------------------------------------------------------
@@ -155,12 +157,10 @@ class TensorParallelExecutor:
         return self.local.fill_grammar_mask(launched)  # rank 0 samples: the other ranks never see masks
 
     def run_swaps(self, ops: tuple[SwapOp, ...]) -> None:
-        self._send(tp_wire.SwapsMsg(tp_wire.encode_swaps(ops)))
-        self.local.run_swaps(ops)
+        self._send(tp_wire.SwapsMsg(tp_wire.encode_swaps(ops)), lambda: self.local.run_swaps(ops))
 
     def drop_swapped(self) -> None:
-        self._send(tp_wire.DropSwappedMsg())
-        self.local.drop_swapped()
+        self._send(tp_wire.DropSwappedMsg(), self.local.drop_swapped)
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         self.local.check_sampling_params(params)
@@ -184,10 +184,12 @@ class TensorParallelExecutor:
             dist.destroy_process_group()
 
     # -- failure -----------------------------------------------------------------------------
-    def _send(self, msg: tp_wire.Message) -> None:
+    def _send(self, msg: tp_wire.Message, then: Callable[[], None]) -> None:
+        """Send ``msg`` to the other ranks, then do the same here (any failure: the ranks diverged)."""
         self._check()
         try:
             self.ring.write(tp_wire.encode(msg), self.ranks.alive)
+            then()
         except Exception as e:
             raise self._fail(e) from e
 
@@ -252,9 +254,7 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource, max_model_l
             dist.destroy_process_group()
         raise
     log.info("tensor-parallel group ready", size=size, pids=ranks.pids)
-    executor = TensorParallelExecutor(local, ranks, ring)
-    executor.store = store  # the group's rendezvous lives as long as the group
-    return executor
+    return TensorParallelExecutor(local, ranks, ring, store)
 
 
 def _join(config: EngineConfig, store: dist.Store, ranks: RankProcesses) -> None:
