@@ -334,17 +334,34 @@ def test_wire_round_trip_keeps_what_the_runner_reads() -> None:
             ScheduledSeq(req, slot=1, start=16, num_tokens=20, samples=False, pages=(4, 5, 6, 11), sample_index=0,
                          epoch=2))
     batch = ScheduledBatch(9, seqs, 1, (PoolWrite(1, 0, (5, 6, 7)),), (), (SwapOp(SwapKind.OUT, 3, (4, 5)),), (2,))
-    msg = tp_wire.decode(tp_wire.encode_batch(batch, page_size=16))
-    assert isinstance(msg, tp_wire.BatchMsg)
-    back = tp_wire.decode_batch(msg)
+    sender, receiver = tp_wire.PageTableSender(page_size=16), tp_wire.PageTableReceiver()
+
+    def send(b: ScheduledBatch) -> tuple[ScheduledBatch, int]:
+        payload, tables = sender.encode(b)
+        sender.commit(tables)
+        msg = tp_wire.decode(payload)
+        assert isinstance(msg, tp_wire.BatchMsg)
+        return receiver.decode(msg), len(msg.pages) // 4
+
+    back, sent = send(batch)
     assert (back.step_id, back.num_decodes, back.freed_slots, back.swaps) == (9, 1, (2,), batch.swaps)
     assert [(w.slot, w.start, list(w.token_ids)) for w in back.pool_writes] == [(1, 0, [5, 6, 7])]
     for a, b in zip(back.seqs, seqs):
         assert (a.slot, a.start, a.num_tokens, a.samples, a.sample_index) == \
                (b.slot, b.start, b.num_tokens, b.samples, b.sample_index)
-    assert [list(s.pages) for s in back.seqs] == [[7], [4, 5, 6]]  # only the pages the KV reaches
+    assert [list(s.pages) for s in back.seqs] == [[7], [4, 5, 6]] and sent == 4  # only pages the KV reaches
     assert back.seqs[1].request.params.prompt_logprobs == 2 and back.seqs[1].request.num_prompt_tokens == 40
     assert back.seqs[0].request.params.prompt_logprobs is None
+    # Next steps: slot 3's table grows by one page, slot 1's is unchanged, then slot 3 gets a new owner.
+    grow = (ScheduledSeq(other, slot=3, start=16, num_tokens=1, samples=True, pages=(7, 8, 9), sample_index=2, epoch=0),
+            ScheduledSeq(req, slot=1, start=36, num_tokens=4, samples=True, pages=(4, 5, 6, 11), sample_index=0,
+                         epoch=2))
+    back, sent = send(ScheduledBatch(10, grow, 1, (), ()))
+    assert [list(s.pages) for s in back.seqs] == [[7, 8], [4, 5, 6]] and sent == 1
+    new_owner = (ScheduledSeq(other, slot=3, start=0, num_tokens=20, samples=True, pages=(12, 13), sample_index=0,
+                              epoch=1),)
+    back, sent = send(ScheduledBatch(11, new_owner, 0, (), ()))
+    assert [list(s.pages) for s in back.seqs] == [[12, 13]] and sent == 2
 
 
 def test_sharding_splits_heads_and_replicates_kv_heads_below_the_rank_count() -> None:

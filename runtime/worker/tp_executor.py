@@ -114,6 +114,7 @@ class RankProcesses:
 class _Prepared(NamedTuple):
     local: Any  # the local executor's prepared batch
     payload: bytes  # the batch as the other ranks receive it
+    tables: dict[int, tuple[int, ...]]  # the page tables it leaves them with
 
 
 class TensorParallelExecutor:
@@ -126,7 +127,7 @@ class TensorParallelExecutor:
         self.kv_layout = local.kv_layout
         self.ranks = ranks
         self.ring = ring
-        self._page_size = self.worker.kv_pool.page_size
+        self._pages = tp_wire.PageTableSender(self.worker.kv_pool.page_size)
         self._closed = False
         self.store = store  # the group's rendezvous lives as long as the group
         atexit.register(self._release)
@@ -134,12 +135,14 @@ class TensorParallelExecutor:
     # -- the protocol ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> _Prepared:
         self._check()
-        return _Prepared(self.local.prepare(batch), tp_wire.encode_batch(batch, self._page_size))
+        local = self.local.prepare(batch)
+        return _Prepared(local, *self._pages.encode(batch))
 
     def launch(self, prepared: _Prepared) -> Launched:
         self._check()
         try:  # the other ranks get it first: their host work overlaps rank 0's
             self.ring.write(prepared.payload, self.ranks.alive)
+            self._pages.commit(prepared.tables)  # only a batch that went out changes what the ranks hold
             return self.local.launch(prepared.local)
         except Exception as e:
             raise self._fail(e) from e

@@ -87,10 +87,11 @@ def serve(worker: Worker, ring: RingReader, parent_alive: Callable[[], bool]) ->
     runner = worker.runner
     assert isinstance(runner, ParallelModelRunner)
     keep: deque[object] = deque(maxlen=worker.config.pipeline_depth + 1)  # in-flight batches' inputs
+    pages = tp_wire.PageTableReceiver()
     while True:
         msg = tp_wire.decode(ring.read(parent_alive))
         if isinstance(msg, tp_wire.BatchMsg):
-            prepared = runner.prepare(tp_wire.decode_batch(msg))
+            prepared = runner.prepare(pages.decode(msg))
             runner.follow(prepared, runner.forward(prepared))
             keep.append(prepared)
         elif isinstance(msg, tp_wire.SwapsMsg):
