@@ -11,6 +11,7 @@ from torch import nn
 from conveyor.model.attention.backend import AttentionBackend, AttentionMetadata
 from conveyor.model.config import ModelConfig
 from conveyor.model.kernels import FlashInferKernels, TorchKernels, make_kernels
+from conveyor.model.parallel import TensorParallel
 
 Kernels = TorchKernels | FlashInferKernels
 
@@ -81,6 +82,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kernels: Kernels | None = None
+        # Set when this model is one rank's shard (model.parallel): cfg then holds local sizes, and
+        # the embedding, row-parallel projections and LM head join the ranks' parts.
+        self.tp: TensorParallel | None = None
         # Logits cover ids [0, output_vocab): a tokenizer smaller than the embedding (padded vocab,
         # or a stand-in tokenizer for dummy weights) cannot decode the rest, so they are never sampled.
         self.output_vocab = cfg.vocab_size
@@ -95,7 +99,7 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input-normed hidden, residual) [T, hidden] for layer 0."""
         kernels = self._kernels()
-        residual = self.embed_tokens(input_ids)
+        residual = self.embed_tokens(input_ids) if self.tp is None else self._embed_parallel(input_ids)
         first = self.layers[0].input_layernorm
         return kernels.rms_norm(residual, first.weight, first.eps), residual
 
@@ -109,11 +113,24 @@ class DecoderModel(nn.Module):
         kernels = self._kernels()
         layer = self.layers[i]
         h = layer.self_attn.output(o, kernels)
+        if self.tp is not None:
+            h = self.tp.all_reduce(h)
         norm = layer.post_attention_layernorm
         h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
         h = layer.mlp(h, kernels)
+        if self.tp is not None:
+            h = self.tp.all_reduce(h)
         norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
         return kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+
+    def _embed_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: each rank embeds the ids in its rows, zeros the rest, all-reduce."""
+        assert self.tp is not None
+        rows = self.config.vocab_size
+        local = input_ids - self.tp.rank * rows
+        outside = (local < 0) | (local >= rows)
+        out = self.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
 
     def _kernels(self) -> Kernels:
         assert self.kernels is not None, "call init_kernels() after loading weights"
@@ -139,4 +156,6 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.tp is not None:  # each rank's vocabulary rows, gathered; the padding rows cut off
+            return self.tp.all_gather_last(self._kernels().linear(hidden, weight))[:, : self.output_vocab].float().contiguous()
         return self._kernels().linear(hidden, weight[: self.output_vocab]).float()

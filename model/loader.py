@@ -13,6 +13,7 @@ from conveyor.model.config import ModelConfig
 from conveyor.model.decoder import DecoderModel
 from conveyor.model.default_model import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME, cache_root, default_model_dir
 from conveyor.model.gguf_convert import convert_gguf
+from conveyor.model.parallel import Sharding, TensorParallel
 from conveyor.model.presets import PRESETS
 from conveyor.model.weights import WeightsError, empty_model, init_dummy, iter_safetensors, load_hf_tensors
 
@@ -75,10 +76,14 @@ def _converted_gguf(path: Path) -> Path:
     return out
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> DecoderModel:
-    model = empty_model(source.config, dtype, device)
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+               tp: TensorParallel | None = None) -> DecoderModel:
+    """The model on ``device``; with ``tp``, only rank ``tp.rank``'s shard of it (local sizes in its config)."""
+    sharding = Sharding(source.config, tp.rank, tp.size) if tp is not None else None
+    model = empty_model(source.config if sharding is None else sharding.local_config(), dtype, device)
     if source.weights_dir is None:
-        init_dummy(model, seed)
+        init_dummy(model, seed, sharding)
     else:
-        load_hf_tensors(model, iter_safetensors(source.weights_dir), str(source.weights_dir))
+        load_hf_tensors(model, iter_safetensors(source.weights_dir, sharding), str(source.weights_dir))
+    model.tp = tp
     return model

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from conveyor.model.config import ModelConfig
 from conveyor.model.decoder import DecoderModel
+from conveyor.model.parallel import Sharding, take
 
 
 class WeightsError(ValueError):
@@ -89,7 +90,8 @@ def _expected_slots(params: dict[str, torch.nn.Parameter], qkv_rows: dict, inter
     return out
 
 
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(directory: Path, sharding: Sharding | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the directory's files; with ``sharding``, only this rank's slice of each is read."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{directory}: no *.safetensors files")
@@ -97,17 +99,34 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
-                    yield name, sf.get_tensor(name)
+                    span = sharding.hf_span(name) if sharding is not None else None
+                    if span is None:
+                        yield name, sf.get_tensor(name)
+                        continue
+                    sl = sf.get_slice(name)
+                    part = sl[span.start:span.stop] if span.dim == 0 else sl[:, span.start:span.stop]
+                    yield name, take(part, span._replace(start=0, stop=part.shape[span.dim]))
         except SafetensorError as e:
             raise WeightsError(f"{f}: corrupt safetensors file ({e})") from None
 
 
-def init_dummy(model: DecoderModel, seed: int) -> None:
-    """Random weights of the exact shapes, reproducible from the seed; norms start at one."""
+def init_dummy(model: DecoderModel, seed: int, sharding: Sharding | None = None) -> None:
+    """Random weights of the exact shapes, reproducible from the seed; norms start at one.
+
+    With ``sharding`` each full tensor is drawn as an unsharded model would draw it and this rank
+    keeps its slice, so every tensor-parallel size computes the same model.
+    """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    full_shapes = {}
+    if sharding is not None:
+        with torch.device("meta"):
+            full_shapes = {n: p.shape for n, p in DecoderModel(sharding.cfg).named_parameters()}
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
-        else:
+        elif sharding is None:
             p.data.normal_(0.0, 0.02, generator=gen)
+        else:
+            full = torch.empty(full_shapes[name], dtype=p.dtype, device=device).normal_(0.0, 0.02, generator=gen)
+            p.data.copy_(sharding.slice_fused(name, full))

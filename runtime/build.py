@@ -31,8 +31,14 @@ def build_engine(config: EngineConfig) -> EngineCore:
         eos.add(tokenizer.eos_token_id)
     model = ModelInfo(source.name, vocab, mcfg.max_position_embeddings, tuple(sorted(eos)))
     max_len = resolve_max_model_len(config, model)  # a bad config fails before any weights load
-    worker = Worker(config, source, max_len, vocab, model.eos_token_ids)
-    executor = make_executor(worker)
+    if config.tensor_parallel_size == 1:  # today's executor, untouched: no group, ring or collectives
+        worker = Worker(config, source, max_len, vocab, model.eos_token_ids)
+        executor = make_executor(worker)
+    else:
+        from conveyor.runtime.worker.tp_executor import start_tensor_parallel
+
+        executor = start_tensor_parallel(config, source, max_len, vocab, model.eos_token_ids)
+        worker = executor.worker
     try:
         core = EngineCore(config, executor, model, tokenizer)
     except BaseException:
@@ -40,7 +46,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
         raise
     log.info("engine ready", model=core.model_name, device=str(worker.device),
              dtype=str(worker.dtype).removeprefix("torch."), kv_pages=worker.kv_layout.num_pages,
-             block_size=config.block_size, max_model_len=max_len)
+             block_size=config.block_size, max_model_len=max_len, tensor_parallel_size=config.tensor_parallel_size)
     return core
 
 

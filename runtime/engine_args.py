@@ -29,6 +29,7 @@ _HELP = {
     "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
     "length_predictor_path": "sjf/srtf/adaptive: keep what the length predictor learned in this file across restarts",
     "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",
+    "tensor_parallel_size": "split the model across this many ranks (GPUs; processes on CPU), Megatron style",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
@@ -72,7 +73,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = type(default)
         elif default is None:
             kwargs["type"] = str if field.name in ("served_model_name", "tokenizer", "length_predictor_path") else int
-        group.add_argument(flag, **kwargs)
+        aliases = ["-tp"] if field.name == "tensor_parallel_size" else []  # vLLM's short form
+        group.add_argument(flag, *aliases, **kwargs)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -48,6 +48,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     # attention kernel for every row. Slower; for reproducible outputs and tests.
     batch_invariant: bool = False
     pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
+    # Ranks the model is split across (Megatron tensor parallelism, one process per rank; rank 0 is
+    # this engine, runtime/worker/tp_executor.py starts the others): one GPU each on CUDA, gloo on CPU.
+    tensor_parallel_size: int = 1
     served_model_name: str | None = None
     tokenizer: str | None = None  # a tokenizer directory; default: the model's own (presets have none)
 
@@ -62,6 +65,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_depth not in (1, 2, 3):
             raise ConfigError(f"pipeline_depth must be 1, 2 or 3, got {self.pipeline_depth}")
         if any(not w > 0 for w in self.tenant_weights.values()):

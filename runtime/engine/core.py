@@ -266,6 +266,8 @@ class EngineCore:
 
     def _recover(self, error: BaseException, failed: list[ScheduledBatch]) -> list[RequestOutput]:
         self.num_step_failures += 1
+        if isinstance(error, EngineFatalError):  # the executor says the device side is gone (a dead TP rank)
+            raise error
         lost = failed + [f.batch for f in self._in_flight]
         for f in self._in_flight:  # let the executor finish with them before their memory moves
             with contextlib.suppress(Exception):
@@ -341,7 +343,8 @@ class EngineCore:
     def close(self) -> None:
         while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
             self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
-            self.executor.wait(self._in_flight.popleft().launched)
+            with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
+                self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
         if self._predictor_path is not None:
             assert self.scheduler.policy.predictor is not None

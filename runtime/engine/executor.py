@@ -3,7 +3,8 @@
 The engine schedules, keeps page and slot bookkeeping and turns sampled ids into outputs; it holds
 no tensors. An executor owns everything on the device (one worker per GPU rank: model, KV pool,
 token pool, pinned staging, graphs, swapper) and runs what the engine scheduled, in launch order.
-``CpuExecutor`` and ``CudaExecutor`` (``runtime/worker``) run the model; ``SimulatedExecutor``
+``CpuExecutor`` and ``CudaExecutor`` (``runtime/worker``) run the model; ``TensorParallelExecutor``
+(``runtime/worker/tp_executor.py``) runs it split across ranks; ``SimulatedExecutor``
 (``runtime/tools/simulator``) charges a cost model's step time instead.
 """
 

@@ -16,6 +16,13 @@ from conveyor.model.attention.flashinfer_backend import PlanFence, append_kv, de
 from conveyor.model.decoder import DecoderModel
 
 
+def capture_error_mode(model: DecoderModel) -> str:
+    """torch's default ("global") fails a capture when any thread makes an unsafe CUDA call during it;
+    a tensor-parallel rank's NCCL watchdog thread queries events all along, so its captures check only
+    the capturing thread. Single-device capture keeps the default."""
+    return "global" if model.tp is None else "thread_local"
+
+
 def capture_sizes(max_batch: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
     sizes += list(range(16, max_batch, 16))
@@ -99,7 +106,7 @@ class DecodeGraphs:
             self._forward(model, *inputs)  # warm-up outside capture: loads modules, fills cached buffers
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode(model)):
                 logits = self._forward(model, *inputs)
             self._graphs[bs] = _Graph(graph, wrapper, logits, list(wrapper._plan_info))
         torch.cuda.synchronize()

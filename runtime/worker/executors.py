@@ -106,6 +106,11 @@ class CpuExecutor(_WorkerExecutor):
         future: Future[BatchResult] = launched.handle
         return future.result()
 
+    def ready(self, launched: Launched) -> bool:
+        """Whether ``wait`` would return (or raise) without blocking."""
+        future: Future[BatchResult] = launched.handle
+        return future.done()
+
     def close(self) -> None:
         self._worker.shutdown(wait=True)
 
@@ -219,6 +224,12 @@ class CudaExecutor(_WorkerExecutor):
         t1 = self._anchor_host + self._anchor.elapsed_time(h.end) / 1000.0
         return BatchResult(h.host_ids.tolist(), _host_logprobs(h.out.logprobs), t0, t1,
                            _host_prompt_logprobs(h.prepared))
+
+    def ready(self, launched: Launched) -> bool:
+        """Whether ``wait`` would return (or raise) without blocking."""
+        h: _CudaHandle = launched.handle
+        self._pump()
+        return h.end is None or h.end.query()
 
     def close(self) -> None:
         pass

@@ -29,6 +29,7 @@ import torch
 from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
 from conveyor.model.attention import AttentionBackend, AttentionMetadata
 from conveyor.model.decoder import DecoderModel
+from conveyor.runtime.worker.cuda_graphs import capture_error_mode
 
 MIN_TOKENS = 16
 
@@ -94,6 +95,7 @@ class PiecewiseGraphs:
         slots.fill_(self.token_pool.padding_slot)
         positions.zero_()
         pool = torch.cuda.graph_pool_handle()
+        mode = capture_error_mode(self.model)
         for n in reversed(self.sizes):  # largest first: the smaller pieces fit in what it freed
             if n == self.sizes[-1]:
                 for i in range(self.num_layers + 1):  # warm-up outside capture: loads modules, picks GEMMs
@@ -102,7 +104,7 @@ class PiecewiseGraphs:
             graphs = []
             for i in range(self.num_layers + 1):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     self._piece(i, n, slots, positions)
                 graphs.append(graph)
             self._graphs[n] = graphs

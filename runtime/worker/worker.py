@@ -23,6 +23,7 @@ from conveyor.scheduler import PoolWrite, Request, SamplingParams, ScheduledBatc
 
 if TYPE_CHECKING:
     from conveyor.model.attention.flashinfer_backend import FlashInferAttention
+    from conveyor.model.parallel import TensorParallel
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -49,22 +50,29 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 
 
 class Worker:
+    """``tp``: this worker is one rank of a tensor-parallel group (runtime/worker/tp_executor.py): it
+    holds that rank's shard of the model and of every KV page, and its runner joins the group's sampling."""
+
     def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int, output_vocab: int,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+                 eos_token_ids: tuple[int, ...] = (), tp: TensorParallel | None = None) -> None:
         self.config = config
+        self.tp = tp
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
-        self.model_config = mcfg = source.config
         self.max_model_len = max_model_len
         torch.manual_seed(config.seed)
-        self.model = load_model(source, self.dtype, self.device, config.seed)
+        self.model = load_model(source, self.dtype, self.device, config.seed, tp)
+        self.model_config = mcfg = self.model.config  # a rank's shard has its local head counts
         self.model.init_kernels(max_model_len + 1,
                                 linear_tile=BATCH_INVARIANT_TILE if config.batch_invariant else None)
         self.model.output_vocab = output_vocab
 
         backend = self._make_attention_backend()
+        budget = self._kv_budget(backend)
+        if tp is not None:  # page ids are the group's: every rank holds as many pages as the smallest can
+            budget = tp.min_int(budget, self.device)
         self.kv_pool = KVPool.from_budget(
-            self._kv_budget(backend), mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim,
+            budget, mcfg.num_layers, config.block_size, mcfg.num_kv_heads, mcfg.head_dim,
             self.dtype, self.device,
         )
         self.kv_layout = KVLayout(self.kv_pool.usable_pages, KVPool.RESERVED_PAGES, self.kv_pool.page_bytes)
@@ -75,7 +83,14 @@ class Worker:
                             -(-max_model_len // config.block_size) + 1),
             config.pipeline_depth + 1, self.device,
         )
-        self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device, config.seed)
+        if tp is None:
+            self.runner = ModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging, self.device,
+                                      config.seed)
+        else:
+            from conveyor.runtime.worker.tp_runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(self.model, self.kv_pool, self.token_pool, backend, staging,
+                                              self.device, config.seed, tp=tp)
         self.runner.eos_token_ids = eos_token_ids  # what min_tokens masks
         if config.preemption_mode == "swap":
             self.runner.swapper = KVSwapper(self.kv_pool)
