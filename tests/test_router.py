@@ -382,6 +382,19 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         async with http.post(url + C, json={"prompt": "hello", "max_tokens": 3}) as resp:
             assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 3
+
+        os.kill(pids[0], signal.SIGKILL)  # a child dies: logged, reported, the other one serves
+
+        async def reported() -> bool:
+            async with http.get(url + "/health") as resp:
+                reasons = [w["reason"] for w in (await resp.json())["workers"]]
+                return resp.status == 200 and "exited with code -9" in reasons[0] and reasons[1] == "ok"
+
+        await until(reported, what="the dead child reported")
+        assert any(rec.get("event") == "worker process exited" and rec.get("pid") == pids[0]
+                   for rec in map(json.loads, filter(lambda x: x.startswith("{"), log.read_text().splitlines())))
+        async with http.post(url + C, json={"prompt": "hello", "max_tokens": 3}) as resp:
+            assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0, log.read_text()[-3000:]
 
@@ -396,6 +409,30 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_launch_fails_cleanly_when_a_child_dies_starting(tmp_path: Path) -> None:
+    log = tmp_path / "router.log"
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", "2", "--port", str(free_port()),
+                             "--no-such-engine-flag"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    try:
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    pids = [r["pid"] for r in records if r["event"] == "worker started"]
+    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+    failed = next(r for r in records if r["event"] == "workers did not start")
+    assert "exited with code 2" in failed["reason"]
+
+
+def test_router_help_needs_no_torch() -> None:
+    code = ("import atexit, sys; atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'));"
+            "from runtime.cli import main; main(['router', '--help'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "--launch" in out.stdout and out.stdout.strip().endswith("NO-TORCH")
 
 
 # -- PD contract, against a fake D -------------------------------------------------------------

@@ -27,7 +27,8 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conveyor router", epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawTextHelpFormatter,
+    p = argparse.ArgumentParser(prog="conveyor router", epilog=EPILOG, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="One OpenAI-compatible endpoint in front of Conveyor workers: "
                                 "prefix-aware and least-load routing over replicas, or prefill/decode pairs.")
     g = p.add_argument_group("workers")

@@ -80,7 +80,7 @@ async def scrape_workers(session: aiohttp.ClientSession, workers: Sequence[Worke
     families: dict[str, Metric] = {}
     ok = GaugeMetricFamily("conveyor:router_worker_scrape_ok", "1 when the worker's /metrics answered this scrape.",
                            labels=["worker"])
-    for w, text in zip(workers, texts):
+    for w, text in zip(workers, texts, strict=True):
         ok.add_metric([w.url], 0.0 if text is None else 1.0)
         if text is None:
             continue
