@@ -75,6 +75,7 @@ class RouterState:
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # made on the app's loop
         self.health: HealthChecker = None  # type: ignore[assignment]
         self.draining = False
+        self.starting = False  # --launch: until every launched worker has answered /health
         self.tasks: list[asyncio.Task[None]] = []
 
     def all_workers(self) -> list[Worker]:
@@ -154,6 +155,9 @@ async def _health(request: web.Request) -> web.Response:
     workers = state.worker_report()
     if state.draining:
         raise RouterError(503, "The router is shutting down.", "unhealthy", state.settings.retry_after_s,
+                          {"workers": workers})
+    if state.starting:
+        raise RouterError(503, "The workers are starting.", "loading", state.settings.retry_after_s,
                           {"workers": workers})
     if missing := state.missing_roles():
         names = " and ".join("healthy worker" if r == "both" else f"healthy {r} worker" for r in missing)

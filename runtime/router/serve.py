@@ -1,7 +1,8 @@
 """Run the router: bind first (/health says 503 until workers answer), then relay until a signal.
 
 With ``--launch``, the workers are started before the port is bound and waited for (their /health,
-within ``launch_timeout``); a child that dies while starting stops everything with an error.
+within ``launch_timeout``; until then the router's /health says 503 "loading"); a child that dies
+while starting stops everything with an error.
 SIGINT/SIGTERM: stop accepting, stop the children (they drain and end their streams), give relayed
 requests ``shutdown_timeout`` seconds, exit 0.
 """
@@ -35,6 +36,7 @@ async def run_router(settings: RouterSettings, launch: LaunchPlan | None = None)
     state = app[STATE]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, handle_signals=False,
                            shutdown_timeout=settings.shutdown_timeout)
+    state.starting = launch is not None
     try:
         if launch is not None:
             launcher = Launcher(launch.children, launch.stop_timeout,
@@ -60,6 +62,7 @@ async def run_router(settings: RouterSettings, launch: LaunchPlan | None = None)
             elif (err := ready.exception()) is not None:
                 log.error("workers did not start", reason=str(err))
                 return 1
+            state.starting = False
         if not signals.first.is_set():
             log.info("routing", url=url, mode="pd" if settings.pd else "replicas",
                      workers=[w.url for w in state.all_workers()])
