@@ -477,8 +477,12 @@ class FakeWorker:
             return web.json_response({"choices": [{"text": "Hi there"}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for chunk in CANNED[:1] if body.get("max_tokens") == 999 else CANNED:
+        for chunk in CANNED[:1] if body.get("max_tokens") in (998, 999) else CANNED:
             await resp.write(chunk)
+        if body.get("max_tokens") == 998:  # dies mid-stream
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         if body.get("max_tokens") == 999:  # hold the stream open until the router lets go
             try:
                 await asyncio.wait_for(asyncio.Event().wait(), 30)
@@ -515,6 +519,13 @@ async def test_pd_sends_the_request_to_d_with_a_fresh_room_and_relays_bytes(http
             assert resp.status == 409 and (await resp.json())["error"]["code"] == "duplicate_room"
         assert len(d.seen) == 5  # not retried elsewhere
 
+        # D dies mid-stream: the client's stream ends the way a worker ends a failure, not cut off.
+        async with http.post(r.url + CHAT, json={"messages": [], "stream": True, "max_tokens": 998}) as resp:
+            raw = await resp.read()
+        head, error, done = raw.split(b"\n\n")[:3]
+        assert head + b"\n\n" == CANNED[0] and done == b"data: [DONE]"
+        assert json.loads(error.removeprefix(b"data: "))["error"]["code"] == "worker_failed"
+
         # The client leaves mid-stream: the router closes its connection to D at once.
         resp = await http.post(r.url + CHAT, json={"messages": [], "stream": True, "max_tokens": 999})
         assert await first_event(resp) == CANNED[0]
@@ -523,7 +534,8 @@ async def test_pd_sends_the_request_to_d_with_a_fresh_room_and_relays_bytes(http
         m = await scrape(http, r.url)
         assert series(m, "conveyor:router_requests_total", outcome="client_disconnect") == 1
         assert series(m, "conveyor:router_in_flight") == 0
-        assert series(m, "conveyor:router_routing_decisions_total", role="prefill") == 6
+        assert series(m, "conveyor:router_requests_total", outcome="upstream_error") == 1
+        assert series(m, "conveyor:router_routing_decisions_total", role="prefill") == 7
     finally:
         await r.runner.cleanup()
         await p.runner.cleanup()
