@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import structlog
@@ -186,6 +186,18 @@ async def _models(request: web.Request) -> web.Response:
                       state.settings.retry_after_s)
 
 
+class _Sent(NamedTuple):
+    """A request a worker has accepted: its answer, and the workers whose in-flight count it holds."""
+
+    upstream: aiohttp.ClientResponse
+    target: Choice
+    prefill: Choice | None
+    room: str | None
+
+    def held(self) -> list[Worker]:
+        return [self.target.worker] + ([self.prefill.worker] if self.prefill else [])
+
+
 async def _relay(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.draining:
@@ -196,59 +208,63 @@ async def _relay(request: web.Request) -> web.StreamResponse:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         parsed = None  # the worker answers it with a 400 in its own words
-    key = routing_key(request.path, parsed)
     request_id = request.headers.get("X-Request-Id", "")
     if not _REQUEST_ID.match(request_id):
         request_id = uuid.uuid4().hex
+    sent = await _send(request, body, routing_key(request.path, parsed), request_id)
+    outcome = "upstream_error"
+    try:
+        response, outcome = await _send_back(request, sent.upstream)
+        return response
+    except asyncio.CancelledError:
+        outcome = "client_disconnect"
+        raise
+    finally:
+        sent.upstream.close()  # at once, not back to the pool: an unfinished answer means the worker must abort
+        for w in sent.held():
+            w.in_flight -= 1
+        state.metrics.requests.labels(sent.target.worker.url, outcome).inc()
+        log.info("request relayed", path=request.path, worker=sent.target.worker.url,
+                 prefill=sent.prefill.worker.url if sent.prefill else None, room=sent.room,
+                 reason=sent.target.reason, status=sent.upstream.status, outcome=outcome,
+                 duration_s=round(time.monotonic() - started, 4), x_request_id=request_id)
+
+
+async def _send(request: web.Request, body: bytes, key: str, request_id: str) -> _Sent:
+    """Choose the worker(s) and send; a refused connection (nothing sent) goes to another, nothing else does."""
+    state = request.app[STATE]
     refused: set[Worker] = set()
-    while True:  # a refused connection (nothing sent) may go to another worker; nothing else is retried
-        prefill: Choice | None = None
-        extra = {"X-Request-Id": request_id}
+    while True:
+        prefill, room, extra = None, None, {"X-Request-Id": request_id}
         if state.settings.pd:
             prefill = state.choose("prefill", key, set())
-            extra |= {ROOM_HEADER: uuid.uuid4().hex, PREFILL_HEADER: prefill.worker.url}
+            room = uuid.uuid4().hex  # per attempt: a D that refused the connection never saw the last one
+            extra |= {ROOM_HEADER: room, PREFILL_HEADER: prefill.worker.url}
         target = state.choose("decode" if state.settings.pd else "both", key, refused)
-        held = [target.worker] + ([prefill.worker] if prefill else [])
-        for w in held:
+        sent_to = [target.worker] + ([prefill.worker] if prefill else [])
+        for w in sent_to:
             w.in_flight += 1
             w.served += 1
         try:
             upstream = await state.session.post(target.worker.url + request.path, data=body,
                                                 headers=_forward_headers(request, extra))
-        except aiohttp.ClientConnectorError as e:
-            for w in held:
+            return _Sent(upstream, target, prefill, room)
+        except BaseException as e:
+            for w in sent_to:
                 w.in_flight -= 1
-            state.health.failed(target.worker, f"connection failed: {e}")
-            state.metrics.retries.labels(target.worker.url).inc()
-            refused.add(target.worker)
-            log.warning("worker refused the connection; trying another", worker=target.worker.url, error=str(e))
-            continue
-        except BaseException as e:  # the client left (cancelled), or the request could not be sent
-            for w in held:
-                w.in_flight -= 1
+            if isinstance(e, aiohttp.ClientConnectorError):
+                state.health.failed(target.worker, f"connection failed: {e}")
+                state.metrics.retries.labels(target.worker.url).inc()
+                refused.add(target.worker)
+                log.warning("worker refused the connection; trying another", worker=target.worker.url, error=str(e))
+                continue
+            # The client left (cancelled), or the worker took the request and failed before answering.
             outcome = "client_disconnect" if isinstance(e, asyncio.CancelledError) else "upstream_error"
             state.metrics.requests.labels(target.worker.url, outcome).inc()
             if isinstance(e, aiohttp.ClientError):
                 raise RouterError(502, f"The worker failed before answering: {type(e).__name__}.",
                                   "worker_failed") from None
             raise
-        break
-    outcome = "upstream_error"
-    try:
-        response, outcome = await _send_back(request, upstream)
-        return response
-    except asyncio.CancelledError:
-        outcome = "client_disconnect"
-        raise
-    finally:
-        upstream.close()  # at once, not back to the pool: an unfinished response means the worker must abort
-        for w in held:
-            w.in_flight -= 1
-        state.metrics.requests.labels(target.worker.url, outcome).inc()
-        log.info("request relayed", path=request.path, worker=target.worker.url,
-                 prefill=prefill.worker.url if prefill else None, room=extra.get(ROOM_HEADER), reason=target.reason,
-                 status=upstream.status, outcome=outcome, duration_s=round(time.monotonic() - started, 4),
-                 x_request_id=request_id)
 
 
 async def _send_back(request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[web.StreamResponse, str]:
