@@ -147,18 +147,24 @@ def start_workers(model: Path, tmp: Path, n: int) -> list[WorkerProc]:
         for w in workers:
             w.wait_healthy(deadline)
     except BaseException:
-        for w in workers:
-            w.stop()
+        stop_all(workers)
         raise
     return workers
+
+
+def stop_all(workers: list[WorkerProc]) -> None:
+    for w in workers:  # all at once: each drains on its own
+        if w.proc.poll() is None:
+            w.proc.terminate()
+    for w in workers:
+        w.stop()
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProc]]:
     workers = start_workers(tiny_chat_dir, tmp_path_factory.mktemp("pair"), 2)
     yield workers
-    for w in workers:
-        w.stop()
+    stop_all(workers)
 
 
 class Router:
@@ -341,8 +347,7 @@ async def test_a_killed_worker_is_taken_out_then_all_dead_is_503(tiny_chat_dir: 
             assert (await resp.json())["error"]["code"] == "no_healthy_worker"
     finally:
         await r.runner.cleanup()
-        for w in workers:
-            w.stop()
+        stop_all(workers)
 
 
 def _alive(pid: int) -> bool:
