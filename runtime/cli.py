@@ -191,16 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="compare scheduling policies with simulated time (see simulate -h)",
                               add_help=False, prefix_chars="+")
     simulate.add_argument("args", nargs=argparse.REMAINDER)
+    router = sub.add_parser("router", help="one OpenAI endpoint in front of replicas or prefill/decode workers; "
+                            "--launch starts them (see router -h)", add_help=False, prefix_chars="+")
+    router.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    if args.command in ("serve", "router") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # The `conveyor` script's own window (python -m runtime installs this earlier, in __main__):
         # until the server's handlers are in, SIGTERM is a clean exit, not -15.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
+    configure_logging(args.log_level or ("info" if args.command in ("serve", "router") else "warning"))
     # Tools with parsers of their own: each takes the rest of the command line.
     if args.command == "loadgen":  # a client: runs its own event loop, holds no engine
         from conveyor.runtime.tools.loadgen import main as loadgen_main
@@ -210,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conveyor.runtime.tools.compare import main as compare_main
 
         return compare_main(args.args)
+    if args.command == "router":  # a proxy: no engine, no torch
+        from conveyor.runtime.router.cli import main as router_main
+
+        return router_main(args.args, args.log_level)
     if args.command == "simulate":
         from conveyor.runtime.tools.simulator import main as simulate_main
 

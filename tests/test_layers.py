@@ -68,9 +68,13 @@ RULES = [
     ("conveyor.runtime.worker", ("conveyor.runtime.tools", "conveyor.runtime.server", "conveyor.runtime.cli",
                                  "conveyor.runtime.async_engine", "conveyor.runtime.llm")),
     ("conveyor.runtime.tools", ("conveyor.runtime.cli", "conveyor.runtime.server")),
+    # A proxy in front of workers: HTTP only, so it starts at once and holds no engine.
+    ("conveyor.runtime.router", ("conveyor.runtime.server", "conveyor.runtime.worker", "conveyor.runtime.tools",
+                                 "conveyor.runtime.async_engine", "conveyor.runtime.llm", "conveyor.runtime.cli",
+                                 "conveyor.model", "conveyor.memory")),
 ]
 TORCH_FREE = ("conveyor.scheduler", "conveyor.runtime.engine", "conveyor.runtime.tools.simulator",
-              "conveyor.runtime.tools.driver")
+              "conveyor.runtime.tools.driver", "conveyor.runtime.router")
 
 
 @pytest.mark.parametrize("layer,forbidden", RULES, ids=[r[0] for r in RULES])
