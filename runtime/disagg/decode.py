@@ -71,6 +71,7 @@ class _Room:
     sent: float
     deadline: float  # AWAIT_KV past this fails
     release_by: float  # QUARANTINED past this frees
+    num_pages: int = 0  # pages P writes (the uncached tail)
     quarantined_at: float | None = None
     abort_sent: bool = False
 
@@ -112,7 +113,7 @@ class DecodeReceiver:
                             lease_s=self.lease_s, peer=None if rp.prefill_url in self.accepted_by else self._peer)
             deadline = now + self.lease_s
             self.rooms[rp.room] = _Room(req, rp.prefill_url, now, deadline,
-                                        deadline + self.post_timeout_s + QUARANTINE_GRACE_S)
+                                        deadline + self.post_timeout_s + QUARANTINE_GRACE_S, len(ready.pages))
             self.channel.post_ready(rp.prefill_url, ready)
 
     def poll(self, arrived: Callable[[Request, int, SampleLogprobs | None], list[RequestOutput]],
@@ -156,8 +157,7 @@ class DecodeReceiver:
             if notice.kind == "done":
                 self.stats.count("ok")
                 self.stats.seconds += self.clock() - room.sent
-                self.stats.bytes += len(self.scheduler.kv.page_tables[req.request_id]) * self.region.page_stride * \
-                    self.region.num_layers
+                self.stats.bytes += room.num_pages * self.region.page_stride * self.region.num_layers
                 del self.rooms[notice.room]
                 lp = None
                 if notice.logprob is not None:
