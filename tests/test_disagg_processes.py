@@ -205,6 +205,42 @@ async def test_roles_and_side_channel_errors(trio) -> None:
     _wait_idle(p.url)
 
 
+async def test_chaos_random_client_aborts(trio) -> None:
+    """60 requests at once, a third of them abandoned by their client at a random moment (queued on
+    D, awaiting KV, prefilling, sending, decoding): survivors get the colocated tokens, nothing leaks."""
+    p, d, c = trio
+    rng = random.Random(0)
+    prompts = [_prompt(rng.randrange(3, 300), 1000 + i) for i in range(60)]
+    aborted = set(rng.sample(range(60), 20))
+    async with aiohttp.ClientSession() as http:
+        want = [(await _complete(http, c.url, pr))["choices"][0]["text"] for pr in prompts]
+
+        async def one(i: int) -> str | None:
+            body = {"prompt": prompts[i], "max_tokens": 8, "temperature": 0, "stream": i % 2 == 0}
+            async with http.post(d.url + C, json=body, headers=_headers(p)) as r:
+                assert r.status == 200, await r.text()
+                if not body["stream"]:
+                    return (await r.json())["choices"][0]["text"]
+                text = ""
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                return text
+
+        tasks = [asyncio.create_task(one(i)) for i in range(60)]
+        for i in sorted(aborted, key=lambda _: rng.random()):
+            await asyncio.sleep(rng.uniform(0, 0.05))
+            tasks[i].cancel()  # the client goes away: aiohttp closes its connection to D
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+    for i, (res, text) in enumerate(zip(results, want)):
+        if isinstance(res, asyncio.CancelledError):
+            assert i in aborted
+            continue
+        assert res == text, i
+    await asyncio.to_thread(_wait_idle, d.url, 30)
+    await asyncio.to_thread(_wait_idle, p.url, 30)
+
+
 async def _long_requests(http: aiohttp.ClientSession, p: Worker, d: Worker, n: int) -> list[asyncio.Task]:
     async def one(i: int) -> int:
         body = {"prompt": _prompt(1000, 100 + i), "max_tokens": 4, "temperature": 0}

@@ -32,6 +32,9 @@ class HttpPrefillChannel:
         self.peer: PeerInfo | None = None  # this worker's, resent when a P answers 428 peer_unknown
         self._events: deque[ChannelEvent] = deque()
         self._watched: set[str] = set()
+        # Rooms whose /kv/ready is on the way: their /kv/abort waits for it, or it could overtake it,
+        # get a 404, and free pages P is about to be told to write into.
+        self._posting: dict[str, asyncio.Event] = {}
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self._thread = threading.Thread(target=self._run, name="conveyor-pd-channel", daemon=True)
@@ -48,7 +51,7 @@ class HttpPrefillChannel:
 
     # -- the engine thread's side ------------------------------------------------------------
     def post_ready(self, url: str, ready: KVReady) -> None:
-        asyncio.run_coroutine_threadsafe(self._ready_post(url, ready), self._loop)
+        asyncio.run_coroutine_threadsafe(self._ready_post_once(url, ready), self._loop)
 
     def post_abort(self, url: str, room: str) -> None:
         asyncio.run_coroutine_threadsafe(self._abort_post(url, room), self._loop)
@@ -80,6 +83,14 @@ class HttpPrefillChannel:
                                       headers={"Content-Type": "application/json"}) as resp:
             return resp.status, await resp.read()
 
+    async def _ready_post_once(self, url: str, ready: KVReady) -> None:
+        done = self._posting[ready.room] = asyncio.Event()
+        try:
+            await self._ready_post(url, ready)
+        finally:
+            done.set()
+            self._posting.pop(ready.room, None)
+
     async def _ready_post(self, url: str, ready: KVReady) -> None:
         try:
             status, body = await self._post(url, "/kv/ready", msgspec.json.encode(ready))
@@ -104,6 +115,8 @@ class HttpPrefillChannel:
             self._events.append(ChannelEvent("unsure", ready.room, url, _message(status, body)))
 
     async def _abort_post(self, url: str, room: str) -> None:
+        if (posting := self._posting.get(room)) is not None:
+            await posting.wait()
         try:
             status, _ = await self._post(url, "/kv/abort", msgspec.json.encode(KVAbort(room=room)))
         except (TimeoutError, aiohttp.ClientError) as e:

@@ -125,6 +125,8 @@ class PrefillPusher:
             room = self.rooms.get(seq.request.request_id)
             if room is None or room.failed or seq.epoch != seq.request.num_preemptions:
                 continue
+            if seq.request.is_finished and not seq.request.output_token_ids:
+                continue  # aborted: poll() ends the room
             if seq.samples and seq.request.output_token_ids:
                 room.final = True  # posted from poll(), once every earlier WRITE is done
                 out = next((o for o in outputs if o.request_id == seq.request.request_id), None)
