@@ -156,7 +156,14 @@ class DecodeReceiver:
         if req.status is RequestStatus.AWAIT_KV:
             if notice.kind == "done":
                 self.stats.count("ok")
-                self.stats.seconds += self.clock() - room.sent
+                now = self.clock()
+                self.stats.seconds += now - room.sent
+                # TTFT split: D admission, then P's queue and compute, the rest is side channel + transfer tail.
+                wait = now - room.sent
+                p_part = (notice.queue_s or 0.0) + (notice.compute_s or 0.0)
+                log.info("kv room done", room=notice.room, d_admission_s=_r(room.sent - req.arrival_time),
+                         p_queue_s=_r(notice.queue_s), p_compute_s=_r(notice.compute_s),
+                         transfer_tail_s=_r(wait - p_part), pages=room.num_pages)
                 self.stats.bytes += room.num_pages * self.region.page_stride * self.region.num_layers
                 del self.rooms[notice.room]
                 lp = None
@@ -215,3 +222,6 @@ class DecodeReceiver:
     def close(self) -> None:
         self.channel.close()
 
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)

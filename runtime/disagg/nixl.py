@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from conveyor.runtime.engine.executor import KVRegion
 
 log = structlog.get_logger("conveyor.disagg")
 
+SELFTEST_BYTES = 64 << 20
+VRAM_MIN_GBS = 20.0  # TCP emulation measured 0.5 GB/s on the H200; cuda_ipc 1180 GB/s
 _CUDA_TLS = ("cuda_ipc", "cuda_copy", "rc", "dc", "ud", "gdr_copy")  # UCX lanes that move VRAM without the host
 
 
@@ -61,11 +64,49 @@ class NixlTransport:
 
     def register(self, region: KVRegion) -> None:
         lane = ucx_lane(region.mem)
+        gbs = None if os.environ.get("CONVEYOR_PD_SKIP_SELFTEST") == "1" else self._selftest(region)
         self.agent.register_memory([(region.addr, region.nbytes, region.device_id, "")], region.mem)
         self._regions.append(region)
         self._mem = region.mem
         log.info("kv transport ready", transport="nixl", module=self._module, agent=self.name, mem=region.mem,
-                 pool_mib=round(region.nbytes / 2**20, 1), ucx_tls=lane)
+                 pool_mib=round(region.nbytes / 2**20, 1), ucx_tls=lane, selftest_gbs=gbs)
+
+    def _selftest(self, region: KVRegion) -> float:
+        """WRITE 64 MiB between two scratch buffers on the pool's device through this agent itself,
+        timed: the lane UCX chose, as a number. VRAM below VRAM_MIN_GBS went through the host (TCP)."""
+        import torch
+
+        device = f"cuda:{region.device_id}" if region.mem == "VRAM" else "cpu"
+        src = torch.ones(SELFTEST_BYTES, dtype=torch.uint8, device=device)
+        dst = torch.zeros_like(src)
+        descs = [(t.data_ptr(), t.numel(), region.device_id, "") for t in (src, dst)]
+        regs = self.agent.register_memory(descs, region.mem)
+        try:
+            me = self.name  # a transfer to this agent itself
+            loc = self.agent.get_xfer_descs([(src.data_ptr(), src.numel(), region.device_id)], region.mem)
+            rem = self.agent.get_xfer_descs([(dst.data_ptr(), dst.numel(), region.device_id)], region.mem)
+            best = float("inf")
+            for _ in range(3):
+                handle = self.agent.initialize_xfer("WRITE", loc, rem, me)
+                t0 = time.perf_counter()
+                state = self.agent.transfer(handle)
+                while state == "PROC":
+                    state = self.agent.check_xfer_state(handle)
+                best = min(best, time.perf_counter() - t0)
+                self.agent.release_xfer_handle(handle)
+                if state != "DONE":
+                    raise TransportError(f"the NIXL self-test WRITE on {region.mem} failed")
+            if not bool(dst[-1].item() == 1):
+                raise TransportError("the NIXL self-test WRITE reported done but moved nothing")
+        finally:
+            self.agent.deregister_memory(regs)
+        gbs = SELFTEST_BYTES / best / 1e9
+        if region.mem == "VRAM" and gbs < VRAM_MIN_GBS:
+            raise TransportError(
+                f"NIXL moves VRAM at {gbs:.1f} GB/s: UCX resolved it to TCP or host copies (vLLM #52607). Give "
+                f"UCX its CUDA lanes (UCX_TLS=cuda_ipc,cuda_copy,tcp on one node; rc across nodes) or set "
+                f"CONVEYOR_PD_SKIP_SELFTEST=1 to run slow anyway")
+        return round(gbs, 2)
 
     def metadata(self) -> bytes:
         return self.agent.get_agent_metadata()

@@ -137,9 +137,14 @@ class PrefillPusher:
     def _done_notice(self, room: _Room, out: RequestOutput | None) -> RoomNotice:
         token = room.req.output_token_ids[0]
         lp = out.logprobs[0] if out is not None and out.logprobs else None
+        req = room.req
+        queue = req.admit_time - req.arrival_time if req.admit_time is not None else None
+        compute = req.first_token_time - req.admit_time \
+            if req.first_token_time is not None and req.admit_time is not None else None
         return RoomNotice(room=room.target.room, kind="done", token=token,
                           logprob=lp.logprob if lp is not None else None,
-                          top=[(t.token_id, t.logprob) for t in lp.top] if lp is not None else None)
+                          top=[(t.token_id, t.logprob) for t in lp.top] if lp is not None else None,
+                          queue_s=queue, compute_s=compute)
 
     def _post(self, room: _Room, upto: int, notif: bytes = b"") -> None:
         """WRITE prompt pages [next_page, upto) into D's pages for them."""

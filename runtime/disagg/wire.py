@@ -48,6 +48,12 @@ class KVAbort(msgspec.Struct, frozen=True, kw_only=True):
     room: str
 
 
+class RoomAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """P's 200 to /kv/ready and /kv/abort."""
+
+    room: str
+
+
 class RoomNotice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     room: str
     kind: str  # "done" | "abort"
@@ -55,6 +61,9 @@ class RoomNotice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
     error: str | None = None
+    # P's own durations (no shared clock needed): arrival -> admission, admission -> first token.
+    queue_s: float | None = None
+    compute_s: float | None = None
 
 
 def encode_notice(notice: RoomNotice) -> bytes:

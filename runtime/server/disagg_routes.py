@@ -21,7 +21,7 @@ from aiohttp import web
 
 from conveyor.runtime.disagg.decode import RemotePrefill
 from conveyor.runtime.disagg.prefill import IncompatiblePeer, check_compat, push_request, ready_params
-from conveyor.runtime.disagg.wire import KVAbort, KVReady
+from conveyor.runtime.disagg.wire import KVAbort, KVReady, RoomAccepted
 from conveyor.runtime.engine.client import EngineClient
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request, from_validation_error
 from conveyor.scheduler import InvalidRequestError, Request
@@ -154,7 +154,7 @@ async def _kv_ready(request: web.Request) -> web.Response:
     if ready.peer is not None:
         rooms.peers.add(ready.agent)
     rooms.live[ready.room] = asyncio.create_task(_run_room(engine, req, rooms))
-    return web.json_response({"room": ready.room})
+    return _json(RoomAccepted(room=ready.room))
 
 
 async def _run_room(engine: EngineClient, req: Request, rooms: Rooms) -> None:
@@ -177,7 +177,11 @@ async def _kv_abort(request: web.Request) -> web.Response:
     if body.room not in rooms.seen:
         raise ApiError(404, f"room {body.room!r} is unknown here", param="room", code="unknown_room")
     await state.engine.abort(body.room)  # a no-op once it is sending: it ends with its done notice
-    return web.json_response({"room": body.room})
+    return _json(RoomAccepted(room=body.room))
+
+
+def _json(body: msgspec.Struct) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
 
 
 def refuse_generate(role: str) -> ApiError:
