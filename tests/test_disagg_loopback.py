@@ -200,8 +200,8 @@ def test_survivors_keep_their_tokens_under_random_aborts(pair, reference):
         assert steps < 5000
     for rid in prompts:
         out = pair.finished(rid)
-        if out.finish_reason == "length":
-            assert pair.tokens(rid) == want[rid], rid
+        if out.finish_reason in ("length", "stop"):
+            assert pair.tokens(rid) == want[rid], (rid, out.finish_reason)
         else:
             assert out.finish_reason == "abort"
             assert pair.tokens(rid) == want[rid][:len(pair.tokens(rid))]
