@@ -31,6 +31,9 @@ from pathlib import Path
 
 import aiohttp
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the conveyor checkout this script belongs to
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +48,7 @@ class Worker:
         self.log = tempfile.NamedTemporaryFile(prefix=f"pd-{role}-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "conveyor", "serve", "--model", args.model, "--role", role, "--port",
                str(self.port), "--max-model-len", str(args.max_model_len), *args.engine_args.split(), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def wait(self, deadline: float) -> None:
@@ -138,9 +141,10 @@ def prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(100, 30000) for _ in range(n)]
 
 
-async def stream(http: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> list[float]:
-    """Arrival times of each streamed chunk that carries text."""
-    times = []
+async def stream(http: aiohttp.ClientSession, url: str, body: dict, headers: dict,
+                 times: list[float] | None = None) -> list[float]:
+    """Arrival times of each streamed chunk that carries text (appended to ``times`` as they come)."""
+    times = [] if times is None else times
     async with http.post(url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
         r.raise_for_status()
         async for line in r.content:
@@ -165,10 +169,16 @@ async def ttft(url: str, p: Worker | None, n: int, prompt_len: int) -> list[floa
 
 
 async def itl_under_burst(url: str, p: Worker | None, args: argparse.Namespace) -> dict:
+    """Decoders stream until a burst of long prompts has been served; the gaps between their tokens
+    that end inside the burst window are the inter-token latency the burst inflicts."""
     async with aiohttp.ClientSession() as http:
         body = {"max_tokens": args.decode_tokens, "temperature": 0, "ignore_eos": True}
-        decoders = [asyncio.create_task(stream(http, url, {**body, "prompt": prompt(16, 900 + i)}, headers_for(p)))
-                    for i in range(args.decoders)]
+        times: list[list[float]] = [[] for _ in range(args.decoders)]
+        decoders = [asyncio.create_task(stream(http, url, {**body, "prompt": prompt(16, 900 + i)}, headers_for(p),
+                                               times[i])) for i in range(args.decoders)]
+        deadline = time.perf_counter() + 60
+        while any(len(t) < 3 for t in times) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)  # every decoder is past its first tokens: steady decoding
         await asyncio.sleep(args.burst_after_s)
         t_burst = time.perf_counter()
         burst = [asyncio.create_task(stream(http, url, {"prompt": prompt(args.prompt_len, 700 + i), "max_tokens": 1,
@@ -176,12 +186,14 @@ async def itl_under_burst(url: str, p: Worker | None, args: argparse.Namespace) 
                  for i in range(args.burst)]
         await asyncio.gather(*burst)
         t_end = time.perf_counter()
-        streams = await asyncio.gather(*decoders)
-    gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if t_burst <= b <= t_end]
-    gaps.sort()
+        running = sum(1 for d in decoders if not d.done())
+        for d in decoders:
+            d.cancel()
+        await asyncio.gather(*decoders, return_exceptions=True)
+    gaps = sorted(b - a for s in times for a, b in zip(s, s[1:]) if t_burst <= b <= t_end)
     pick = (lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else float("nan"))
     return {"gaps": len(gaps), "itl_p50_ms": pick(0.5) * 1e3, "itl_p99_ms": pick(0.99) * 1e3,
-            "burst_s": t_end - t_burst}
+            "burst_s": t_end - t_burst, "decoders_still_running_at_burst_end": running}
 
 
 def split(rooms: list[dict]) -> dict:
@@ -221,9 +233,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--ttft-requests", type=int, default=8)
     ap.add_argument("--decoders", type=int, default=4)
-    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--decode-tokens", type=int, default=1000, help="decoders' max_tokens: must outlast the burst")
     ap.add_argument("--burst", type=int, default=8)
-    ap.add_argument("--burst-after-s", type=float, default=1.0)
+    ap.add_argument("--burst-after-s", type=float, default=0.2)
     ap.add_argument("--ceiling-pages", type=int, default=1024)
     ap.add_argument("--device", default="cpu", help="where the transfer-ceiling buffers live (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=Path("docs/bench_disagg"))
