@@ -9,11 +9,11 @@ import uuid
 import structlog
 
 from conveyor.model import resolve_model
+from conveyor.model.tokenizer import load_tokenizer
 from conveyor.runtime.disagg.channel import HttpPrefillChannel
 from conveyor.runtime.disagg.decode import DecodeReceiver, PrefillChannel
 from conveyor.runtime.disagg.prefill import PrefillPusher
 from conveyor.runtime.disagg.transport import Transport, make_transport
-from conveyor.model.tokenizer import load_tokenizer
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore, ModelInfo, resolve_max_model_len
 from conveyor.runtime.worker.executors import make_executor

@@ -240,6 +240,9 @@ class Scheduler:
     def take_awaiting(self) -> list[Request]:
         """Requests admitted into AWAIT_KV since the last call: their peer must be told."""
         new, self.newly_awaiting = self.newly_awaiting, []
+        for r in new:
+            if r.status is not RequestStatus.AWAIT_KV and self.kv.holds(r.request_id):
+                self.kv.free(r.request_id)  # left before its peer was told: nobody can write there
         return [r for r in new if r.status is RequestStatus.AWAIT_KV]
 
     def kv_arrived(self, req: Request) -> None:

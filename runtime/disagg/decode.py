@@ -134,7 +134,8 @@ class DecodeReceiver:
         for room in list(self.rooms.values()):
             req = room.req
             if req.status is RequestStatus.AWAIT_KV and now > room.deadline:
-                outputs += fail(req, f"{FAILURE}: the prefill worker did not deliver within the {self.lease_s:g} s lease")
+                outputs += fail(req, f"{FAILURE}: the prefill worker did not deliver within the "
+                                     f"{self.lease_s:g} s lease")
                 self.stats.count("expired")
             if req.is_finished and room.quarantined_at is None:
                 room.quarantined_at = now  # left while P may write: the client went, or a failure above

@@ -21,9 +21,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from conveyor.runtime.disagg.decode import FAILURE
 from conveyor.runtime.engine.client import EngineClient, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
-from conveyor.runtime.disagg.decode import FAILURE
 from conveyor.runtime.server.disagg_routes import Rooms, add_prefill_routes, bind_rooms, refuse_generate, unbind_rooms
 from conveyor.runtime.server.endpoints import add_routes
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
