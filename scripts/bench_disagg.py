@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=1000, help="decoders' max_tokens: must outlast the burst")
     ap.add_argument("--burst", type=int, default=8)
     ap.add_argument("--burst-after-s", type=float, default=0.2)
-    ap.add_argument("--ceiling-pages", type=int, default=1024)
+    ap.add_argument("--ceiling-pages", type=int, default=256, help="pages per WRITE (30 layers x 64 KiB each)")
     ap.add_argument("--device", default="cpu", help="where the transfer-ceiling buffers live (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=Path("docs/bench_disagg"))
     args = ap.parse_args()
