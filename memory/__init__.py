@@ -10,7 +10,7 @@ those states, and frees a request's pages only once no launched batch still read
 """
 
 from conveyor.memory.index_allocator import IndexAllocator, OutOfIndices
-from conveyor.memory.kv_cache_manager import IntegrityError, KVCacheManager
+from conveyor.memory.kv_cache_manager import PAGE_STATES, IntegrityError, KVCacheManager, TableState
 from conveyor.memory.radix_cache import PrefixMatch, RadixCache
 from conveyor.memory.reservation import ConservativeReservation, DynamicReservation, ReservationPolicy, make_reservation
 from conveyor.memory.swap_space import SwapKind, SwapOp, SwapSpace
@@ -22,11 +22,13 @@ __all__ = [
     "IntegrityError",
     "KVCacheManager",
     "OutOfIndices",
+    "PAGE_STATES",
     "PrefixMatch",
     "RadixCache",
     "ReservationPolicy",
     "SwapKind",
     "SwapOp",
     "SwapSpace",
+    "TableState",
     "make_reservation",
 ]

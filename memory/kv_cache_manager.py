@@ -10,10 +10,18 @@ Reservation: admission promises a request pages for ``admission_tokens`` (the re
 policy's share of its prompt + max_tokens). Promised pages it has not grown into yet are
 outstanding, and a new request is admitted only if its own promise fits beside all of them:
 otherwise admission would eat the room running requests are about to decode into.
+
+Disaggregation (``TableState``): a page table may also be lent to a peer process. On a prefill
+worker it is ``SENDING`` while the transport still reads it; on a decode worker it is ``RECEIVING``
+from admission until the peer says its KV is complete, and ``QUARANTINED`` once its request left
+(abort, failure) while the peer might still write into it. Such a table keeps every page it holds,
+and its lock on the cached prefix, until the disaggregation layer calls ``free``: a page a peer
+may still write into or read is never handed to another request.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 from conveyor.memory.index_allocator import IndexAllocator
@@ -23,6 +31,18 @@ from conveyor.memory.reservation import ReservationPolicy
 
 class IntegrityError(AssertionError):
     pass
+
+
+class TableState(enum.Enum):
+    """Who besides its request may touch a page table's private pages."""
+
+    PRIVATE = "private"  # nobody: the request alone
+    SENDING = "sending"  # P: the transport reads them into a peer's pages
+    RECEIVING = "receiving"  # D: a peer writes the prompt's KV into them
+    QUARANTINED = "quarantined"  # D: the request left, the peer may still write
+
+
+PAGE_STATES = ("free", "private", "cached", "sending", "receiving", "quarantined")
 
 
 class KVCacheManager:
@@ -36,6 +56,7 @@ class KVCacheManager:
         self._cached: dict[str, set[int]] = {}  # pages of a table that the prefix cache owns
         self._locks: dict[str, RadixNode] = {}  # where each request's cached prefix ends
         self._promised: dict[str, int] = {}  # pages promised at admission
+        self._states: dict[str, TableState] = {}  # tables not PRIVATE (disaggregation)
         # Sum over requests of promised pages not grown into yet, kept current on every change: it
         # is read per admission and, from the server thread, per metrics scrape.
         self.num_outstanding_pages = 0
@@ -156,6 +177,7 @@ class KVCacheManager:
         table = self.page_tables.pop(request_id)
         cached = self._cached.pop(request_id)
         self._promised.pop(request_id)
+        self._states.pop(request_id, None)
         node = self._locks.pop(request_id, None)
         if node is not None:
             assert self.prefix_cache is not None
@@ -174,6 +196,34 @@ class KVCacheManager:
 
     def holds(self, request_id: str) -> bool:
         return request_id in self.page_tables
+
+    # -- disaggregation -------------------------------------------------------------------
+    def set_state(self, request_id: str, state: TableState) -> None:
+        if request_id not in self.page_tables:
+            raise ValueError(f"request {request_id} holds no page table")
+        if state is TableState.PRIVATE:
+            self._states.pop(request_id, None)
+        else:
+            self._states[request_id] = state
+
+    def state(self, request_id: str) -> TableState:
+        return self._states.get(request_id, TableState.PRIVATE)
+
+    def tables_in(self, state: TableState) -> list[str]:
+        return [rid for rid, s in self._states.items() if s is state]
+
+    def page_counts(self) -> dict[str, int]:
+        """Pages by state (``PAGE_STATES``); they sum to the pool. A snapshot for metrics: the
+        engine thread may move pages while another thread reads, so it copies first."""
+        counts = dict.fromkeys(PAGE_STATES, 0)
+        states = dict(self._states)
+        for rid, table in list(self.page_tables.items()):
+            cached = self._cached.get(rid, ())
+            key = states.get(rid, TableState.PRIVATE).value
+            counts[key] += sum(1 for p in table if p not in cached)
+        counts["cached"] = self.num_cached_pages
+        counts["free"] = self.allocator.num_free
+        return counts
 
     def _check_locks(self, cache: RadixCache) -> None:
         """Every node's lock count is the number of requests whose lock path runs through it, and
@@ -211,6 +261,10 @@ class KVCacheManager:
                 raise IntegrityError(f"request {rid} reads a cached page the cache no longer holds")
         if self.prefix_cache is not None:
             self._check_locks(self.prefix_cache)
+        if not self._states.keys() <= self.page_tables.keys():
+            raise IntegrityError("a sending/receiving/quarantined state names no page table")
+        if len(private) + len(tree) + self.allocator.num_free != self.total_pages:
+            raise IntegrityError("free + private + cached pages do not add up to the pool")
         if self.num_outstanding_pages != sum(self._outstanding(rid) for rid in self.page_tables):
             raise IntegrityError("the outstanding-promise count drifted")
         if len(private) + len(tree) != self.allocator.num_in_use:

@@ -20,6 +20,7 @@ from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.client import EngineDeadError
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.engine.core import STALL_POLL_S, EngineFatalError
+from conveyor.runtime.engine.executor import KVRegion
 from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.engine.step_stats import EngineStats
@@ -61,6 +62,10 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def kv_region(self) -> KVRegion | None:
+        return self.core.executor.kv_region
 
     @property
     def model_name(self) -> str:

@@ -3,10 +3,17 @@ the engine core over them. Entry points (``AsyncEngine``, ``LLM``, tools, script
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import structlog
 
 from conveyor.model import resolve_model
 from conveyor.model.tokenizer import load_tokenizer
+from conveyor.runtime.disagg.channel import HttpPrefillChannel
+from conveyor.runtime.disagg.decode import DecodeReceiver, PrefillChannel
+from conveyor.runtime.disagg.prefill import PrefillPusher
+from conveyor.runtime.disagg.transport import Transport, make_transport
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore, ModelInfo, resolve_max_model_len
 from conveyor.runtime.worker.executors import make_executor
@@ -44,10 +51,33 @@ def build_engine(config: EngineConfig) -> EngineCore:
     except BaseException:
         executor.close()
         raise
-    log.info("engine ready", model=core.model_name, device=str(worker.device),
+    if config.role != "both":
+        try:
+            attach_disagg(core, config)
+        except BaseException:
+            core.close()
+            raise
+    log.info("engine ready", role=config.role, model=core.model_name, device=str(worker.device),
              dtype=str(worker.dtype).removeprefix("torch."), kv_pages=worker.kv_layout.num_pages,
              block_size=config.block_size, max_model_len=max_len, tensor_parallel_size=config.tensor_parallel_size)
     return core
+
+
+def attach_disagg(core: EngineCore, config: EngineConfig, channel: PrefillChannel | None = None,
+                  transport: Transport | None = None) -> None:
+    """Give a prefill or decode engine its transport (its KV pool registered) and its half of the flow."""
+    region = core.executor.kv_region
+    if region is None:
+        raise ConfigError(f"--role {config.role} needs an executor whose KV pool a transport can reach")
+    if transport is None:
+        name = f"conveyor-{config.role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        transport = make_transport(config.kv_transport, name)
+    transport.register(region)
+    if config.role == "prefill":
+        core.disagg = PrefillPusher(transport, region, core.scheduler)
+    else:
+        core.disagg = DecodeReceiver(transport, region, core.scheduler, channel or HttpPrefillChannel(),
+                                     config.kv_lease_s)
 
 
 def release_device_memory() -> None:

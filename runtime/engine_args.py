@@ -30,6 +30,9 @@ _HELP = {
     "length_predictor_path": "sjf/srtf/adaptive: keep what the length predictor learned in this file across restarts",
     "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",
     "tensor_parallel_size": "split the model across this many ranks (GPUs; processes on CPU), Megatron style",
+    "role": "both (one process), prefill (computes prompts, pushes their KV) or decode (receives KV, decodes)",
+    "kv_transport": "prefill/decode: how KV moves between the two (nixl; loopback is in-process, for tests)",
+    "kv_lease_s": "decode: seconds a request waits for its prompt's KV before it fails with 503",
     "tokenizer": "tokenizer directory to use instead of the model's (presets with dummy weights have none)",
 }
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}

@@ -1,5 +1,10 @@
 """A request and its life: WAITING -> RUNNING -> FINISHED; RUNNING -> WAITING on preemption.
 
+Disaggregated (``remote_prefill`` set, on a decode worker): WAITING -> AWAIT_KV (admitted, pages
+reserved, a peer computes the prompt into them) -> RUNNING with the peer's first token, or
+FINISHED (abort, failure). On a prefill worker ``kv_push`` names where its KV goes; it finishes
+after one token, and keeps its pages (``kv_hold``) until the transport is done reading them.
+
 Two lengths drive scheduling, and neither needs a sampled token's value:
 - ``num_tokens``: tokens that exist (prompt + every sample *launched*); advanced at launch.
 - ``num_computed_tokens``: tokens whose KV is written or being written by a launched batch.
@@ -19,6 +24,7 @@ from conveyor.scheduler.params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    AWAIT_KV = "await_kv"  # decode worker: admitted, its prompt's KV arriving from a prefill peer
     FINISHED = "finished"
 
 
@@ -60,6 +66,11 @@ class Request:
     # filled by position as batches are read back, so a recompute never records a position twice.
     prompt_logprobs: list[Any] | None = None
     num_prompt_logprobs: int = 0  # entries filled
+    # Disaggregation (runtime/disagg), opaque to the scheduler beyond "is it set": on D, where the
+    # prompt's KV comes from; on P, where it goes. ``kv_hold``: P's transport still reads its pages.
+    remote_prefill: Any = None
+    kv_push: Any = None
+    kv_hold: bool = False
 
     @property
     def needs_prompt_logprobs(self) -> bool:

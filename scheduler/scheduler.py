@@ -16,6 +16,13 @@ With the prefix cache on, admission starts a request after its longest cached pr
 prefill chunk hands its whole pages to the cache, and a leaving request caches the pages whose
 tokens the host knows. With swap preemption, a retracted request's KV moves to host memory and
 back through ``SwapOp``s carried by the next batch, which runs them before its forward.
+
+Disaggregation: on a decode worker a request with ``remote_prefill`` is admitted like any other
+(slot, pages for its whole prompt, its promise) but into ``awaiting`` instead of a batch: a peer
+computes the prompt into those pages. ``kv_arrived`` makes it RUNNING with the peer's first token;
+finishing it while it awaits leaves its pages QUARANTINED (the peer may still write) for the
+disaggregation layer to free. On a prefill worker a request with ``kv_push`` is never a preemption
+victim (the transport may be reading its pages) and, finished, keeps its pages while ``kv_hold``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from conveyor.memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace
+from conveyor.memory import IndexAllocator, KVCacheManager, PrefixMatch, SwapKind, SwapOp, SwapSpace, TableState
 from conveyor.scheduler.batch import PoolWrite, ScheduledBatch, ScheduledSeq
 from conveyor.scheduler.policies.base import SchedulerLoad, SchedulingPolicy
 from conveyor.scheduler.request import FinishReason, Request, RequestStatus
@@ -56,6 +63,9 @@ class Scheduler:
         self.slots = IndexAllocator(limits.max_num_seqs)
         self.running: list[Request] = []
         self.draining: list[Request] = []  # finished, waiting for in-flight batches before release
+        self.awaiting: dict[str, Request] = {}  # AWAIT_KV: admitted, their KV arriving from a peer
+        self.newly_awaiting: list[Request] = []  # admitted into AWAIT_KV since the last take_awaiting()
+        self._arrived_writes: list[tuple[Request, PoolWrite]] = []  # token-pool writes for kv_arrived ones
         self.requests: dict[str, Request] = {}
         self._step_ids = itertools.count()
         self.num_preemptions = 0  # every preemption: retractions and policy preemptions
@@ -73,13 +83,13 @@ class Scheduler:
         self.policy.add(request)
 
     def has_work(self) -> bool:
-        return bool(self.running) or self.policy.num_waiting() > 0
+        return bool(self.running) or bool(self.awaiting) or self.policy.num_waiting() > 0
 
     @property
     def num_waiting(self) -> int:
         """Requests neither running nor finished. Two len()s, no iteration over a policy's queues:
         the server thread reads this while the engine thread changes them."""
-        return len(self.requests) - len(self.running)
+        return len(self.requests) - len(self.running) - len(self.awaiting)
 
     # -- the step -------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -100,7 +110,7 @@ class Scheduler:
         evicted: list[Request] = []
         if self.policy.num_waiting() > 0 and (self.slots.num_free == 0 or not self._fits(self.policy.peek())):
             for victim in self.policy.preempt_for_waiting(list(self.running)):
-                if victim.status is RequestStatus.RUNNING:
+                if victim.status is RequestStatus.RUNNING and victim.kv_push is None:
                     self._preempt(victim)
                     evicted.append(victim)
 
@@ -118,14 +128,19 @@ class Scheduler:
             n = self._tokens_to_run(req, budget)
             if n == 0:
                 continue
-            while not self.kv.grow(req.request_id, req.num_computed_tokens + n):
-                others = [r for r in self.running if r is not req and all(r is not p for p, _ in picked)]
+            grown = True
+            while not (grown := self.kv.grow(req.request_id, req.num_computed_tokens + n)):
+                # A pushing request's pages may be read by the transport: it is never a victim.
+                others = [r for r in self.running if r is not req and r.kv_push is None
+                          and all(r is not p for p, _ in picked)]
                 victim = self.policy.victim(others) if others else req
+                if victim is req and req.kv_push is not None:
+                    break  # it waits a step for memory instead
                 self._preempt(victim, retract=True)
                 preempted.append(victim)
                 if victim is req:
                     break
-            if req.status is RequestStatus.RUNNING:
+            if grown and req.status is RequestStatus.RUNNING:
                 picked.append((req, n))
                 budget -= n
 
@@ -140,6 +155,14 @@ class Scheduler:
             if req is None:
                 break
             match = self._match(req)
+            if req.remote_prefill is not None:  # a peer computes its prompt: no budget, no batch
+                if not self.kv.can_admit(req.num_tokens, req.remaining_new_tokens, match):
+                    break
+                self.policy.pop()
+                self._admit(req, match)
+                if not self.kv.grow(req.request_id, req.num_tokens):
+                    raise AssertionError("admitted request could not get its prompt's pages")
+                continue
             head = self._head_page(req)
             if match is None and head in fresh_heads:
                 break
@@ -162,8 +185,13 @@ class Scheduler:
             budget -= n
 
         if not picked:
-            return None
-        return self._launch(picked, writes, evicted + preempted)
+            return None  # requests that kv_arrived keep their pending pool writes for the next batch
+        # Requests whose KV a peer computed start with their prompt and first token in the pool,
+        # written before any admission's write (a slot freed and taken again in between).
+        arrived = [PoolWrite(w.slot, 0, tuple(r.known_token_ids())) for r, w in self._arrived_writes
+                   if r.status is RequestStatus.RUNNING and r.slot == w.slot]
+        self._arrived_writes = []
+        return self._launch(picked, arrived + writes, evicted + preempted)
 
     def _tokens_to_run(self, req: Request, budget: int) -> int:
         pending = req.num_tokens - req.num_computed_tokens
@@ -205,8 +233,52 @@ class Scheduler:
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
             req.admit_time = self.clock()
+        if req.remote_prefill is not None:
+            req.status = RequestStatus.AWAIT_KV
+            self.awaiting[req.request_id] = req
+            self.newly_awaiting.append(req)
+            self.kv.set_state(req.request_id, TableState.RECEIVING)
+            return
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+
+    # -- disaggregation -------------------------------------------------------------------
+    def take_awaiting(self) -> list[Request]:
+        """Requests admitted into AWAIT_KV since the last call: their peer must be told."""
+        new, self.newly_awaiting = self.newly_awaiting, []
+        for r in new:
+            if r.status is not RequestStatus.AWAIT_KV and self.kv.holds(r.request_id):
+                self.kv.free(r.request_id)  # left before its peer was told: nobody can write there
+        return [r for r in new if r.status is RequestStatus.AWAIT_KV]
+
+    def kv_arrived(self, req: Request) -> None:
+        """The peer wrote the whole prompt's KV and sampled its first token: the request runs and
+        decodes from there (the caller appends that token through the output stage)."""
+        if req.status is not RequestStatus.AWAIT_KV:
+            raise AssertionError(f"request {req.request_id} is not awaiting KV")
+        del self.awaiting[req.request_id]
+        self.kv.set_state(req.request_id, TableState.PRIVATE)
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_tokens = req.num_prompt_tokens + 1  # the peer's sample counts as launched
+        if self.kv.prefix_cache is not None:
+            self.kv.cache(req.request_id, req.prompt_token_ids)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        assert req.slot is not None
+        self._arrived_writes.append((req, PoolWrite(req.slot, 0, ())))  # ids filled at launch: the token is known then
+
+    def release_quarantined(self, request_id: str) -> None:
+        """The peer will write no more into a left request's pages: they go back to the pool."""
+        if self.kv.state(request_id) is not TableState.QUARANTINED:
+            raise AssertionError(f"request {request_id}'s pages are not quarantined")
+        self.kv.free(request_id)
+
+    def unhold(self, req: Request) -> None:
+        """The transport is done reading a pushing request's pages."""
+        req.kv_hold = False
+        if req in self.draining and req.num_inflight == 0:
+            self.draining.remove(req)
+            self._release(req)
 
     def _swap_out(self, req: Request) -> None:
         """Copy a retracted request's KV to host memory if there is room (else it recomputes)."""
@@ -299,10 +371,17 @@ class Scheduler:
             raise AssertionError(f"request {req.request_id} finished twice")
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            if req.num_inflight:
+            if req.num_inflight or req.kv_hold:
                 self.draining.append(req)
             else:
                 self._release(req)
+        elif req.status is RequestStatus.AWAIT_KV:
+            # The peer may still write into its pages: they stay quarantined, the slot goes now.
+            del self.awaiting[req.request_id]
+            self.kv.set_state(req.request_id, TableState.QUARANTINED)
+            self.slots.free([req.slot])
+            self._freed_slots.append(req.slot)
+            req.slot = None
         else:
             self.policy.remove(req)
             if req.swapped:
@@ -327,7 +406,7 @@ class Scheduler:
         for seq in batch.seqs:
             seq.request.num_inflight -= 1
         if self.draining:
-            done = [r for r in self.draining if r.num_inflight == 0]
+            done = [r for r in self.draining if r.num_inflight == 0 and not r.kv_hold]
             for req in done:
                 self.draining.remove(req)
                 self._release(req)
@@ -367,10 +446,17 @@ class Scheduler:
         if self.swap is not None:
             self.swap.check()
         self.slots.check()
-        holders = self.running + self.draining
+        holders = self.running + self.draining + list(self.awaiting.values())
         if self.slots.num_in_use != len(holders):
             raise AssertionError(f"{self.slots.num_in_use} slots in use for {len(holders)} requests holding slots")
         if any(not self.kv.holds(r.request_id) for r in holders):
             raise AssertionError("a running request holds no page table")
-        if len(self.kv.page_tables) != len(holders):
-            raise AssertionError("a page table has no running or draining owner")
+        quarantined = self.kv.tables_in(TableState.QUARANTINED)
+        if len(self.kv.page_tables) != len(holders) + len(quarantined):
+            raise AssertionError("a page table has no running, draining, awaiting owner and is not quarantined")
+        if any(rid in self.requests for rid in quarantined):
+            raise AssertionError("a live request's pages are quarantined")
+        if any(self.kv.state(rid) is not TableState.RECEIVING for rid in self.awaiting):
+            raise AssertionError("a request awaiting KV does not hold receiving pages")
+        if any(r.status is not RequestStatus.AWAIT_KV for r in self.awaiting.values()):
+            raise AssertionError("a request in awaiting is not AWAIT_KV")

@@ -416,6 +416,69 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
                 os.kill(p, signal.SIGKILL)
 
 
+async def test_launch_1p1d_streams_through_the_router_with_the_colocated_tokens(
+        pair: list[WorkerProc], tiny_chat_dir: Path, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Three processes (router, P, D) from one command; the openai client streams through the router; KV goes
+    P -> D over NIXL; greedy tokens equal a colocated worker's; every page idle on both workers afterwards."""
+    pytest.importorskip("nixl_cu12", reason="the pd extra (nixl-cu12) is not installed")
+    from openai import AsyncOpenAI
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "router.log"
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", "1p1d", "--model",
+                             str(tiny_chat_dir), "--port", str(port), "--health-interval", "0.2", *ENGINE_ARGS],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    pids: list[int] = []
+    try:
+        async def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                async with http.get(url + "/health") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await until(healthy, timeout=120, what="the router, P and D")
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        started = [rec for rec in records if rec["event"] == "worker started"]
+        pids = [rec["pid"] for rec in started]
+        assert len(pids) == 2
+
+        kw: dict[str, Any] = {"max_tokens": 12, "temperature": 0}
+        prompts = ["The quick brown fox", "x" * 40 + " and then", "Tell me about rivers. " * 6]  # < 1, > 1 page
+        got: dict[str, list[str]] = {}
+        for name, base in (("pd", url), ("colocated", pair[0].url)):
+            client = AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+            model = (await client.models.list()).data[0].id
+            texts = []
+            for prompt in prompts:
+                stream = await client.completions.create(model=model, prompt=prompt, stream=True, **kw)
+                texts.append("".join([c.choices[0].text async for c in stream]))
+            chat = await client.chat.completions.create(model=model, stream=True, **kw,
+                                                        messages=[{"role": "user", "content": "Name three rivers."}])
+            texts.append("".join([c.choices[0].delta.content or "" async for c in chat]))
+            got[name] = texts
+        assert got["pd"] == got["colocated"] and all(got["pd"])
+
+        async def idle() -> bool:  # both workers' pages back to free or cached, through the router's scrape
+            m = await scrape(http, url)
+            busy = sum(series(m, "conveyor:kv_pages", state=s) for s in ("sending", "receiving", "quarantined"))
+            return busy == 0 and series(m, "conveyor:kv_transfers_total", result="ok") >= len(prompts) + 1
+
+        await until(idle, what="every kv page idle and the transfers counted")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
 def test_launch_fails_cleanly_when_a_child_dies_starting(tmp_path: Path) -> None:
     log = tmp_path / "router.log"
     proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", "2", "--port", str(free_port()),

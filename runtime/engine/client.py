@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from conveyor.runtime.engine.config import EngineConfig
+from conveyor.runtime.engine.executor import KVRegion
 from conveyor.runtime.engine.input_processor import Prompt
 from conveyor.runtime.engine.outputs import RequestOutput
 from conveyor.runtime.engine.step_stats import EngineStats
@@ -34,6 +35,11 @@ class EngineClient(Protocol):
 
     @property
     def is_alive(self) -> bool: ...
+
+    @property
+    def kv_region(self) -> KVRegion | None:
+        """The KV pool as a transport sees it (``--role prefill|decode`` check peers against it)."""
+        ...
 
     @property
     def num_step_failures(self) -> int: ...

@@ -53,6 +53,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     tensor_parallel_size: int = 1
     served_model_name: str | None = None
     tokenizer: str | None = None  # a tokenizer directory; default: the model's own (presets have none)
+    # Prefill/decode disaggregation (runtime/disagg): both = one process does everything; prefill =
+    # computes prompts and pushes their KV; decode = owns requests, receives KV, decodes.
+    role: str = "both"
+    kv_transport: str = "nixl"  # nixl | loopback (in-process, tests only)
+    kv_lease_s: float = 30.0  # decode: how long a request waits for its KV before it fails
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -79,5 +84,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("swap_space must be >= 0 GiB")
         if not 0.0 <= self.reservation_beta <= 1.0:
             raise ConfigError(f"reservation_beta must be in [0, 1], got {self.reservation_beta}")
+        if self.role not in ("both", "prefill", "decode"):
+            raise ConfigError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.role != "both" and self.tensor_parallel_size > 1:
+            # Each rank's pool holds a slice of the KV heads: every rank pair would need its own transfer.
+            raise ConfigError(f"role {self.role} runs with tensor_parallel_size 1 only, got {self.tensor_parallel_size}")
+        if self.kv_transport not in ("nixl", "loopback"):
+            raise ConfigError(f"kv_transport must be nixl or loopback, got {self.kv_transport!r}")
+        if not self.kv_lease_s > 0:
+            raise ConfigError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

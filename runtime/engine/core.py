@@ -7,6 +7,11 @@ A step that raises is recovered from here (``_recover``): if some requests' para
 blame they fail alone and the rest of their batch recomputes; otherwise the batch's requests
 fail. Either way every batch that will not be processed lets go of its requests, so their pages
 and slots come back. Too many failures in a row (a broken device) raise ``EngineFatalError``.
+
+Disaggregated roles attach ``disagg`` (runtime/disagg): a ``PrefillPusher`` is told of every
+processed batch (its KV is written then) and pushes those pages; a ``DecodeReceiver`` announces
+requests admitted into AWAIT_KV and starts them when their KV and first token arrived. Both are
+polled at the top of every step, on this thread: every transport call happens here.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any, NamedTuple
 import structlog
 
 from conveyor.memory import KVCacheManager, SwapSpace, make_reservation
+from conveyor.runtime.disagg.decode import DecodeReceiver
+from conveyor.runtime.disagg.prefill import PrefillPusher
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.executor import BatchResult, Executor
 from conveyor.runtime.engine.input_processor import InputProcessor
@@ -155,13 +162,20 @@ class EngineCore:
         self.grammar_mask_batches = 0
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
         self.step_observers: list[Callable[[int], None]] = []  # told each finished batch's token count (metrics)
+        self.disagg: PrefillPusher | DecodeReceiver | None = None  # set by build_engine for --role prefill|decode
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, req: Request) -> RequestOutput | None:
         """Queue a request; returns its error output instead if it cannot be served (it fails alone)."""
         try:
             self.executor.check_sampling_params(req.params)
+            if req.kv_push is not None and not isinstance(self.disagg, PrefillPusher):
+                raise ValueError("a request to push KV needs --role prefill")
+            if req.remote_prefill is not None and not isinstance(self.disagg, DecodeReceiver):
+                raise ValueError("a request with a remote prefill needs --role decode")
             self.scheduler.add(req)
+            if isinstance(self.disagg, PrefillPusher) and req.kv_push is not None:
+                self.disagg.add(req)
         except Exception as e:  # the input stage should have refused it: a request built by hand
             log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
             req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
@@ -178,10 +192,25 @@ class EngineCore:
         return self.outputs.abort(req, reason, error)
 
     def stats(self) -> EngineStats:
-        return EngineStats.of(self.scheduler, self._device)
+        return EngineStats.of(self.scheduler, self._device, self.disagg.stats if self.disagg is not None else None)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._in_flight)
+        return self.scheduler.has_work() or bool(self._in_flight) or (self.disagg is not None and self.disagg.busy())
+
+    # -- disaggregation -------------------------------------------------------------------
+    def _poll_disagg(self) -> list[RequestOutput]:
+        if isinstance(self.disagg, PrefillPusher):
+            return self.disagg.poll(self._fail)
+        if isinstance(self.disagg, DecodeReceiver):
+            return self.disagg.poll(self._kv_arrived, self._fail)
+        return []
+
+    def _fail(self, req: Request, error: str) -> list[RequestOutput]:
+        return [self.outputs.abort(req, FinishReason.ERROR, error)]
+
+    def _kv_arrived(self, req: Request, token: int, lp: SampleLogprobs | None) -> list[RequestOutput]:
+        self.scheduler.kv_arrived(req)
+        return [self.outputs.append_remote(req, token, lp)]
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -189,21 +218,25 @@ class EngineCore:
 
         Depth 1 is the no-overlap twin: launch, wait, process, repeat.
         """
+        early = self._poll_disagg() if self.disagg is not None else []
         try:
             launched = self._launch_next()
         except _BatchFailed as f:  # batches launched before this one are sound: they go on
-            return self._recover(f.error, [f.batch])
+            return early + self._recover(f.error, [f.batch])
+        finally:
+            if isinstance(self.disagg, DecodeReceiver) and (awaiting := self.scheduler.take_awaiting()):
+                self.disagg.announce(awaiting)
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = not launched and not self._in_flight
         if self.stalled and (drops := self.scheduler.take_drops()):
             self.executor.run_swaps(drops)  # nothing in flight: the device is idle
         if not self._must_wait(launched):
-            return []
+            return early
         try:
-            return self._finish_oldest()
+            return early + self._finish_oldest()
         except _BatchFailed as f:  # batches launched after it read its tokens: they are lost too
-            return self._recover(f.error, [f.batch])
+            return early + self._recover(f.error, [f.batch])
 
     def _must_wait(self, launched: bool) -> bool:
         """The overlap condition, the one place that decides it: wait for the oldest batch once
@@ -246,6 +279,8 @@ class EngineCore:
             outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         except Exception as e:
             raise _BatchFailed(done.batch, e) from e
+        if isinstance(self.disagg, PrefillPusher):  # its KV is written: push it before its pages can move
+            self.disagg.after_batch(done.batch, outputs)
         self.scheduler.batch_done(done.batch)
         for observe in self.step_observers:
             observe(done.batch.num_tokens)
@@ -283,7 +318,7 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         requeued: list[str] = []
         for rid, req in suspects.items():
-            if blamed and rid not in blamed:
+            if blamed and rid not in blamed and req.kv_push is None:  # a pushed request is not recomputed
                 if req.status is RequestStatus.RUNNING:
                     self.scheduler.requeue(req)  # innocent: recompute, its tokens so far are kept
                     requeued.append(rid)
@@ -346,6 +381,8 @@ class EngineCore:
             with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
                 self.executor.wait(self._in_flight.popleft().launched)
         self.executor.close()
+        if isinstance(self.disagg, DecodeReceiver):
+            self.disagg.close()
         if self._predictor_path is not None:
             assert self.scheduler.policy.predictor is not None
             save_predictor(self.scheduler.policy.predictor, self._predictor_path)

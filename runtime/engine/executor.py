@@ -24,6 +24,33 @@ class KVLayout(NamedTuple):
     page_bytes: int  # one page across all layers, K and V: what a swapped-out page costs in host memory
 
 
+class KVCompat(NamedTuple):
+    """What two workers must agree on before one writes KV pages into the other's pool."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    layout: str  # the pool's dimension order, e.g. "layer,page,kv,token,head,dim"
+
+
+class KVRegion(NamedTuple):
+    """The KV pool as memory, for a transport (disaggregation): one contiguous region; page ``p``
+    of layer ``l`` starts at ``addr + l * layer_stride + p * page_stride`` and is ``page_stride``
+    bytes (K and V of its tokens)."""
+
+    addr: int
+    nbytes: int
+    mem: str  # "DRAM" or "VRAM"
+    device_id: int
+    num_layers: int
+    layer_stride: int
+    page_stride: int
+    compat: KVCompat
+
+
 class PromptLogprobRows(NamedTuple):
     """Scored prompt positions of one batch: ``spans`` is (seq index, first position, count) per chunk,
     the lists hold one row per scored position, in span order."""
@@ -49,6 +76,7 @@ class Executor(Protocol):
     ``wait`` blocks until that batch's sampled ids are on the host."""
 
     kv_layout: KVLayout
+    kv_region: KVRegion | None  # None: the pool cannot be lent to a transport (a simulated executor)
 
     def prepare(self, batch: ScheduledBatch) -> Any:
         """Stage the batch's inputs (host work only); the result is handed to ``launch``."""

@@ -62,6 +62,15 @@ class OutputProcessor:
                 outputs.append(failed)
         return outputs
 
+    def append_remote(self, req: Request, token: int, lp: SampleLogprobs | None) -> RequestOutput:
+        """A token sampled elsewhere (a prefill worker's first token), appended as if read back here."""
+        try:
+            return self._append(req, token, self.clock(), lp)
+        except Exception as e:
+            log.exception("output processing failed; failing the request", request_id=req.request_id)
+            error = f"output processing failed: {e!r}"
+            return self.failed(req, error) if req.is_finished else self.abort(req, FinishReason.ERROR, error)
+
     def record_prompt_logprobs(self, batch: ScheduledBatch, rows: PromptLogprobRows) -> None:
         """File each scored prompt position under its request; a position already filled (a recompute
         after preemption scores it again) keeps its first value, which is the same."""

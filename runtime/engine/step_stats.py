@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
+from conveyor.runtime.disagg.stats import TransferStats
 from conveyor.scheduler import ScheduledBatch, Scheduler
 
 
@@ -49,9 +50,11 @@ class EngineStats(NamedTuple):
     prefix_hit_tokens: int  # prompt tokens served from the prefix cache since start
     num_swapped_out: int  # retracted requests whose KV went to host memory
     num_swapped_in: int
+    kv_page_states: dict[str, int]  # pages by state: free, private, cached, sending, receiving, quarantined
+    transfers: TransferStats | None  # disaggregated roles: KV transfers by result, bytes, seconds
 
     @classmethod
-    def of(cls, sched: Scheduler, device: DeviceTime) -> "EngineStats":
+    def of(cls, sched: Scheduler, device: DeviceTime, transfers: TransferStats | None = None) -> "EngineStats":
         """A snapshot; other threads read it without locking, so counters may be one step old."""
         kv = sched.kv
         used = kv.total_pages - kv.num_available_pages  # read once: the engine thread may move it
@@ -73,6 +76,8 @@ class EngineStats(NamedTuple):
             prefix_hit_tokens=sched.num_prefix_hit_tokens,
             num_swapped_out=sched.num_swapped_out,
             num_swapped_in=sched.num_swapped_in,
+            kv_page_states=kv.page_counts(),
+            transfers=transfers,
         )
 
     @property

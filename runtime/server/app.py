@@ -21,8 +21,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from conveyor.runtime.disagg.decode import FAILURE
 from conveyor.runtime.engine.client import EngineClient, EngineDeadError
 from conveyor.runtime.engine.outputs import RequestOutput
+from conveyor.runtime.server.disagg_routes import Rooms, add_prefill_routes, bind_rooms, refuse_generate, unbind_rooms
 from conveyor.runtime.server.endpoints import add_routes
 from conveyor.runtime.server.errors import ApiError, bad_request, from_validation_error
 from conveyor.runtime.server.fields import check_unknown_fields
@@ -106,6 +108,7 @@ class ServerState:
         self.metrics = HttpMetrics(settings.metrics_prefix, self.model_name)
         self.engine_metrics: EngineMetrics | None = None
         self.inflight = InFlight()
+        self.rooms = Rooms()  # --role prefill|decode: the rooms this worker holds
         self.draining = False  # set by serve.py on SIGINT/SIGTERM: refuse new work, finish old
         self.created = int(time.time())
         self.inputs = ThreadPoolExecutor(settings.input_workers, thread_name_prefix="conveyor-inputs")
@@ -197,6 +200,7 @@ def build_app(engine: EngineClient | None, settings: ServerSettings | None = Non
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     add_routes(app)
+    add_prefill_routes(app)
     return app
 
 
@@ -223,12 +227,16 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 # -- routes ---------------------------------------------------------------------------------
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.engine.config.role == "prefill":
+        raise refuse_generate("prefill")
     plan = await _off_loop(state, completion_plan, await _read_body(request, CompletionRequest))
     return await _run(request, plan, CompletionRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.engine.config.role == "prefill":
+        raise refuse_generate("prefill")
     plan = await _off_loop(state, chat_plan, await _read_body(request, ChatCompletionRequest))
     return await _run(request, plan, ChatRenderer(plan, state.engine.model_name, state.engine.tokenizer))
 
@@ -256,7 +264,7 @@ async def _health(request: web.Request) -> web.Response:
     if (stalled := state.engine.stalled_for()) > state.settings.stall_timeout:
         raise ApiError(503, f"the engine has made no progress for {stalled:.0f} s with requests waiting",
                        code="unhealthy")
-    return web.Response(status=200)
+    return web.json_response({"status": "ok", "role": state.engine.config.role})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -295,13 +303,19 @@ async def _read_body(request: web.Request, kind: type[Body]) -> Body:
 
 async def _run(request: web.Request, plan: Plan, renderer: Renderer) -> web.StreamResponse:
     state = request.app[STATE]
-    state.admit(plan)
+    rooms = bind_rooms(request, plan.requests, state.rooms) if state.engine.config.role == "decode" else []
+    try:
+        state.admit(plan)
+    except ApiError:
+        unbind_rooms(state.rooms, rooms)
+        raise
     outputs = run_choices(state.engine, plan.requests, state.inflight, state.request_finished, state.request_output)
     try:
         if plan.stream:
             return await _stream(request, plan, renderer, outputs)
         return await _collect(renderer, outputs)
     finally:
+        unbind_rooms(state.rooms, rooms)
         if state.engine_metrics is not None:  # finished requests' token lists no longer move
             state.engine_metrics.observe_plan(plan.requests)
         # run_choices lets go of its requests when it runs; this covers a stream that never started.
@@ -317,6 +331,8 @@ async def _collect(renderer: Renderer, outputs: AsyncIterator[tuple[int, Request
     except EngineDeadError as e:
         raise ApiError(503, f"The engine stopped: {e}", code="engine_dead") from None
     errors = [c.error or "engine error" for c in renderer.choices if c.finish_reason == "error"]
+    if errors and all(e.startswith(FAILURE) for e in errors):  # the prefill side failed: worth a retry
+        raise ApiError(503, errors[0], code="kv_transfer_failed", headers={"Retry-After": "1"})
     if errors:
         raise ApiError(500, f"The engine failed the request: {errors[0]}", code="engine_error")
     return _json(renderer.response())

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from conveyor.runtime.disagg.wire import KVAbort, KVReady, RoomAccepted
 from conveyor.runtime.server.errors import ApiError, bad_request, from_invalid_request
 from conveyor.runtime.server.protocol import (
     ChatCompletionChunk,
@@ -213,6 +214,9 @@ ROUTES: list[tuple[str, str, type | None, type | None, type | None, str]] = [
     ("get", "/health", None, None, None, "200 when serving; 503 while loading, draining or dead."),
     ("get", "/metrics", None, None, None, "Prometheus metrics (text format)."),
     ("get", "/openapi.json", None, None, None, "This document."),
+    ("post", "/kv/ready", KVReady, RoomAccepted, None,
+     "--role prefill: a decode worker hands over a room (runtime/disagg/wire.py); 404 on other roles."),
+    ("post", "/kv/abort", KVAbort, RoomAccepted, None, "--role prefill: stop a room; 404 for an unknown one."),
 ]
 
 

@@ -91,7 +91,23 @@ class _EngineCollector(Collector):
         for state, n in (("total", stats.kv_pages_total), ("used", stats.kv_pages_used),
                          ("promised", stats.kv_pages_promised), ("cached", stats.kv_pages_cached)):
             pages.add_metric([self.name, state], n)
+        # Where every page is (these sum to total): free, private to a request, cached, and the
+        # disaggregation states a peer may touch (sending on P; receiving, quarantined on D).
+        for state, n in stats.kv_page_states.items():
+            if state != "cached":
+                pages.add_metric([self.name, state], n)
         yield pages
+        if (t := stats.transfers) is not None:
+            results = CounterMetricFamily(f"{o}:kv_transfers", "KV transfers (rooms) by result.",
+                                          labels=["model_name", "result"])
+            for result, n in t.results.items():
+                results.add_metric([self.name, result], n)
+            yield results
+            yield counter(f"{o}:kv_transfer_bytes", "KV bytes pushed (prefill) or received (decode).", t.bytes)
+            yield counter(f"{o}:kv_transfer_seconds", "Seconds rooms spent transferring (prefill: first WRITE "
+                          "to last done; decode: /kv/ready to room:done), summed.", t.seconds)
+            yield counter(f"{o}:kv_quarantine_seconds", "Seconds pages spent quarantined, summed over rooms.",
+                          t.quarantine_seconds)
         yield gauge(f"{o}:reservation_beta", "Share of max_tokens promised at admission.", stats.reservation_beta)
         yield counter(f"{o}:num_retractions", "Preemptions because the KV pool ran dry.", stats.num_retractions)
         yield counter(f"{o}:num_swapped_out", "Retracted requests whose KV went to host memory.",

@@ -54,6 +54,7 @@ class _WorkerExecutor:
         self.worker = worker
         self.runner = worker.runner
         self.kv_layout = worker.kv_layout
+        self.kv_region = worker.kv_region
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         return self.runner.prepare(batch)

@@ -125,6 +125,7 @@ class TensorParallelExecutor:
         self.local = local
         self.worker: Worker = local.worker
         self.kv_layout = local.kv_layout
+        self.kv_region = None  # each rank holds a slice of the heads: no one region to lend a KV transport
         self.ranks = ranks
         self.ring = ring
         self._pages = tp_wire.PageTableSender(self.worker.kv_pool.page_size)

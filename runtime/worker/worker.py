@@ -17,7 +17,7 @@ from conveyor.memory.device import KVPool, KVSwapper, PinnedStaging, TokenPool
 from conveyor.model import ModelSource, load_model
 from conveyor.model.attention import AttentionBackend, TorchPagedAttention
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
-from conveyor.runtime.engine.executor import KVLayout
+from conveyor.runtime.engine.executor import KVCompat, KVLayout, KVRegion
 from conveyor.runtime.worker.model_runner import ModelRunner, staging_regions
 from conveyor.scheduler import PoolWrite, Request, SamplingParams, ScheduledBatch, ScheduledSeq
 
@@ -76,6 +76,7 @@ class Worker:
             self.dtype, self.device,
         )
         self.kv_layout = KVLayout(self.kv_pool.usable_pages, KVPool.RESERVED_PAGES, self.kv_pool.page_bytes)
+        self.kv_region = self._kv_region(source.name)
         poison = os.environ.get("CONVEYOR_DEBUG_POISON") == "1"
         self.token_pool = TokenPool(config.max_num_seqs, max_model_len, self.device, poison=poison)
         staging = PinnedStaging(
@@ -105,6 +106,15 @@ class Worker:
                 from conveyor.runtime.worker.piecewise_graphs import PiecewiseGraphs
 
                 self.runner.pieces = PiecewiseGraphs(self.model, self.kv_pool, self.token_pool, staging, max_pieces)
+
+    def _kv_region(self, model_name: str) -> KVRegion:
+        data = self.kv_pool.data  # [layer, page, kv, token, head, dim], contiguous
+        elt = data.element_size()
+        compat = KVCompat(model_name, str(self.dtype).removeprefix("torch."), data.shape[0], data.shape[4],
+                          data.shape[5], data.shape[3], "layer,page,kv,token,head,dim")
+        return KVRegion(data.data_ptr(), data.numel() * elt, "VRAM" if self.device.type == "cuda" else "DRAM",
+                        self.device.index or 0 if self.device.type == "cuda" else 0, data.shape[0],
+                        data.stride(0) * elt, data.stride(1) * elt, compat)
 
     @property
     def uses_graphs(self) -> bool:

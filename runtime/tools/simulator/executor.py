@@ -38,6 +38,7 @@ class SimulatedExecutor:
         self.clock = clock
         self.lengths = lengths
         self.kv_layout = KVLayout(num_pages=num_pages, first_page=1, page_bytes=1)
+        self.kv_region = None  # nothing to transfer: no role but "both"
 
     def prepare(self, batch: ScheduledBatch) -> ScheduledBatch:
         return batch

@@ -1,0 +1,266 @@
+"""Prefill/decode disaggregation, measured: colocated (one `--role both` worker) against PD (one
+`--role prefill` + one `--role decode`, KV over NIXL), on this machine.
+
+1. Transfer ceiling: a NIXL WRITE of scattered KV pages (the pool's geometry, random page ids)
+   between two agents of this process, against a plain copy of the same bytes (memcpy / device copy).
+2. TTFT at low load, one request at a time: colocated vs PD, and PD's split from D's log
+   (D admission, P queue, P compute, side channel + transfer tail).
+3. Decode inter-token latency p50/p99 of running streams while a burst of long prompts arrives,
+   colocated vs PD. (On one box both roles share the CPU/GPU, so this shows the mechanism, not the
+   interference removal two devices give.)
+
+    python scripts/bench_disagg.py --model default --prompt-len 512 --out docs/bench_disagg
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the conveyor checkout this script belongs to
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, role: str, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"pd-{role}-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "conveyor", "serve", "--model", args.model, "--role", role, "--port",
+               str(self.port), "--max-model-len", str(args.max_model_len), *args.engine_args.split(), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait(self, deadline: float) -> None:
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"worker exited; see {self.log.name}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"worker did not come up; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def room_lines(self) -> list[dict]:
+        out = []
+        for line in Path(self.log.name).read_text(errors="replace").splitlines():
+            if '"kv room done"' in line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+
+# -- 1. transfer ceiling ----------------------------------------------------------------------
+def transfer_ceiling(pool_mib: int, pages: int, device: str) -> dict:
+    import torch
+
+    from conveyor.runtime.disagg.nixl import NixlTransport
+    from conveyor.runtime.disagg.transport import RemotePool, XferState, page_descriptors
+    from conveyor.runtime.engine.executor import KVCompat, KVRegion
+
+    layers, page_stride = 30, 64 << 10  # SmolLM2-135M at page 16 in bf16 is 30 layers x 24 KiB; round up
+    num_pages = max(pages + 1, (pool_mib << 20) // (layers * page_stride))
+    src = torch.empty(layers * num_pages * page_stride, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    mem = "VRAM" if device.startswith("cuda") else "DRAM"
+    compat = KVCompat("bench", "uint8", layers, 1, 1, 16, "layer,page")
+
+    def region(t: torch.Tensor) -> KVRegion:
+        return KVRegion(t.data_ptr(), t.numel(), mem, t.device.index or 0, layers, num_pages * page_stride,
+                        page_stride, compat)
+
+    a, b = NixlTransport(f"bench-a-{uuid.uuid4().hex[:6]}"), NixlTransport(f"bench-b-{uuid.uuid4().hex[:6]}")
+    a.register(region(src))
+    b.register(region(dst))
+    peer = a.add_peer(b.metadata())
+    rng = random.Random(0)
+    ids = rng.sample(range(1, num_pages), pages)
+    local, remote = page_descriptors(region(src), RemotePool(dst.data_ptr(), num_pages * page_stride, page_stride,
+                                                             dst.device.index or 0), ids, rng.sample(ids, pages))
+    nbytes = sum(n for _, n, _ in local)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        h = a.write(peer, local, remote)
+        while (state := a.poll(h)) is XferState.PENDING:
+            pass
+        assert state is XferState.DONE
+        best = min(best, time.perf_counter() - t0)
+        a.cancel(h)
+    flat_src, flat_dst = src[:nbytes], dst[:nbytes]
+    copy = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        flat_dst.copy_(flat_src)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        copy = min(copy, time.perf_counter() - t0)
+    return {"bytes": nbytes, "descriptors": len(local), "nixl_write_gbs": nbytes / best / 1e9,
+            "copy_ceiling_gbs": nbytes / copy / 1e9, "mem": mem}
+
+
+# -- 2. and 3. over HTTP -----------------------------------------------------------------------
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 30000) for _ in range(n)]
+
+
+async def stream(http: aiohttp.ClientSession, url: str, body: dict, headers: dict,
+                 times: list[float] | None = None) -> list[float]:
+    """Arrival times of each streamed chunk that carries text (appended to ``times`` as they come)."""
+    times = [] if times is None else times
+    async with http.post(url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                times.append(time.perf_counter())
+    return times
+
+
+def headers_for(p: Worker | None) -> dict:
+    return {} if p is None else {"X-Conveyor-Room": uuid.uuid4().hex, "X-Conveyor-Prefill": p.url}
+
+
+async def ttft(url: str, p: Worker | None, n: int, prompt_len: int) -> list[float]:
+    out = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(n):
+            t0 = time.perf_counter()
+            times = await stream(http, url, {"prompt": prompt(prompt_len, 50 + i), "max_tokens": 2,
+                                             "temperature": 0}, headers_for(p))
+            out.append(times[0] - t0)
+    return out
+
+
+async def itl_under_burst(url: str, p: Worker | None, args: argparse.Namespace) -> dict:
+    """Decoders stream until a burst of long prompts has been served; the gaps between their tokens
+    that end inside the burst window are the inter-token latency the burst inflicts."""
+    async with aiohttp.ClientSession() as http:
+        body = {"max_tokens": args.decode_tokens, "temperature": 0, "ignore_eos": True}
+        times: list[list[float]] = [[] for _ in range(args.decoders)]
+        decoders = [asyncio.create_task(stream(http, url, {**body, "prompt": prompt(16, 900 + i)}, headers_for(p),
+                                               times[i])) for i in range(args.decoders)]
+        deadline = time.perf_counter() + 60
+        while any(len(t) < 3 for t in times) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)  # every decoder is past its first tokens: steady decoding
+        await asyncio.sleep(args.burst_after_s)
+        t_burst = time.perf_counter()
+        burst = [asyncio.create_task(stream(http, url, {"prompt": prompt(args.prompt_len, 700 + i), "max_tokens": 1,
+                                                        "temperature": 0}, headers_for(p)))
+                 for i in range(args.burst)]
+        await asyncio.gather(*burst)
+        t_end = time.perf_counter()
+        running = sum(1 for d in decoders if not d.done())
+        for d in decoders:
+            d.cancel()
+        await asyncio.gather(*decoders, return_exceptions=True)
+    gaps = sorted(b - a for s in times for a, b in zip(s, s[1:]) if t_burst <= b <= t_end)
+    pick = (lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else float("nan"))
+    return {"gaps": len(gaps), "itl_p50_ms": pick(0.5) * 1e3, "itl_p99_ms": pick(0.99) * 1e3,
+            "burst_s": t_end - t_burst, "decoders_still_running_at_burst_end": running}
+
+
+def split(rooms: list[dict]) -> dict:
+    keys = ("d_admission_s", "p_queue_s", "p_compute_s", "transfer_tail_s")
+    return {k: statistics.mean(r[k] for r in rooms if r.get(k) is not None) for k in keys} if rooms else {}
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    arms = ["colocated", "pd"]
+    for i, q in enumerate(("itl_p50_ms", "itl_p99_ms")):
+        ax1.bar([x + 0.4 * i for x in range(2)], [result["itl"][a][q] for a in arms], width=0.4, label=q)
+    ax1.set_xticks([0.2, 1.2], arms)
+    ax1.set_ylabel("decode inter-token latency during the burst (ms)")
+    ax1.legend()
+    bottom = 0.0
+    for k, v in result["ttft_split_s"].items():
+        ax2.bar(["pd"], [v * 1e3], bottom=bottom, label=k)
+        bottom += v * 1e3
+    ax2.bar(["colocated"], [statistics.mean(result["ttft_s"]["colocated"]) * 1e3], label="colocated TTFT")
+    ax2.set_ylabel("TTFT (ms)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bench_disagg.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--engine-args", default="", help="more engine flags for every worker, one string")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--ttft-requests", type=int, default=8)
+    ap.add_argument("--decoders", type=int, default=4)
+    ap.add_argument("--decode-tokens", type=int, default=1000, help="decoders' max_tokens: must outlast the burst")
+    ap.add_argument("--burst", type=int, default=8)
+    ap.add_argument("--burst-after-s", type=float, default=0.2)
+    ap.add_argument("--ceiling-pages", type=int, default=256, help="pages per WRITE (30 layers x 64 KiB each)")
+    ap.add_argument("--device", default="cpu", help="where the transfer-ceiling buffers live (cpu, cuda)")
+    ap.add_argument("--out", type=Path, default=Path("docs/bench_disagg"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    result["transfer"] = transfer_ceiling(256, args.ceiling_pages, args.device)
+    print("transfer", json.dumps(result["transfer"]))
+    c, p, d = Worker(args, "both"), Worker(args, "prefill"), Worker(args, "decode")
+    try:
+        deadline = time.monotonic() + 600
+        for w in (c, p, d):
+            w.wait(deadline)
+        result["ttft_s"] = {"colocated": asyncio.run(ttft(c.url, None, args.ttft_requests, args.prompt_len)),
+                            "pd": asyncio.run(ttft(d.url, p, args.ttft_requests, args.prompt_len))}
+        result["ttft_split_s"] = split(d.room_lines())
+        result["itl"] = {"colocated": asyncio.run(itl_under_burst(c.url, None, args)),
+                         "pd": asyncio.run(itl_under_burst(d.url, p, args))}
+    finally:
+        for w in (c, p, d):
+            w.stop()
+    print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=1))
+    (args.out / "bench_disagg.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
