@@ -2,7 +2,7 @@
 `--role prefill` + one `--role decode`, KV over NIXL), on this machine.
 
 1. Transfer ceiling: a NIXL WRITE of scattered KV pages (the pool's geometry, random page ids)
-   between two agents of this process, against a plain copy of the same bytes (memcpy / device copy).
+   from this process into another's pool, against a plain copy of the same bytes (memcpy / device copy).
 2. TTFT at low load, one request at a time: colocated vs PD, and PD's split from D's log
    (D admission, P queue, P compute, side channel + transfer tail).
 3. Decode inter-token latency p50/p99 of running streams while a burst of long prompts arrives,
@@ -85,43 +85,75 @@ class Worker:
 
 
 # -- 1. transfer ceiling ----------------------------------------------------------------------
+LAYERS, PAGE_STRIDE = 30, 64 << 10  # SmolLM2-135M at page 16 in bf16 is 30 layers x 24 KiB; round up
+
+
+def _region(t, num_pages: int):  # noqa: ANN001, ANN202 (torch is imported late)
+    from conveyor.runtime.engine.executor import KVCompat, KVRegion
+
+    mem = "VRAM" if t.device.type == "cuda" else "DRAM"
+    return KVRegion(t.data_ptr(), t.numel(), mem, t.device.index or 0, LAYERS, num_pages * PAGE_STRIDE, PAGE_STRIDE,
+                    KVCompat("bench", "uint8", LAYERS, 1, 1, 16, "layer,page"))
+
+
+def _receiver(conn, num_pages: int, device: str) -> None:  # noqa: ANN001
+    """D's side in its own process, as in PD: a registered pool the writer's WRITEs land in."""
+    import torch
+
+    from conveyor.runtime.disagg.nixl import NixlTransport
+
+    dst = torch.zeros(LAYERS * num_pages * PAGE_STRIDE, dtype=torch.uint8, device=device)
+    b = NixlTransport(f"bench-b-{os.getpid()}")
+    b.register(_region(dst, num_pages))
+    conn.send((b.metadata(), dst.data_ptr(), dst.device.index or 0))
+    conn.recv()  # the writer is done
+
+
 def transfer_ceiling(pool_mib: int, pages: int, device: str) -> dict:
+    """NIXL WRITE of ``pages`` scattered pages x LAYERS from this process into another's pool (the lane PD
+    uses: a transfer to the same process takes another), against a plain copy of the same bytes here."""
+    import multiprocessing as mp
+
     import torch
 
     from conveyor.runtime.disagg.nixl import NixlTransport
     from conveyor.runtime.disagg.transport import RemotePool, XferState, page_descriptors
-    from conveyor.runtime.engine.executor import KVCompat, KVRegion
 
-    layers, page_stride = 30, 64 << 10  # SmolLM2-135M at page 16 in bf16 is 30 layers x 24 KiB; round up
-    num_pages = max(pages + 1, (pool_mib << 20) // (layers * page_stride))
-    src = torch.empty(layers * num_pages * page_stride, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    mem = "VRAM" if device.startswith("cuda") else "DRAM"
-    compat = KVCompat("bench", "uint8", layers, 1, 1, 16, "layer,page")
-
-    def region(t: torch.Tensor) -> KVRegion:
-        return KVRegion(t.data_ptr(), t.numel(), mem, t.device.index or 0, layers, num_pages * page_stride,
-                        page_stride, compat)
-
-    a, b = NixlTransport(f"bench-a-{uuid.uuid4().hex[:6]}"), NixlTransport(f"bench-b-{uuid.uuid4().hex[:6]}")
-    a.register(region(src))
-    b.register(region(dst))
-    peer = a.add_peer(b.metadata())
-    rng = random.Random(0)
-    ids = rng.sample(range(1, num_pages), pages)
-    local, remote = page_descriptors(region(src), RemotePool(dst.data_ptr(), num_pages * page_stride, page_stride,
-                                                             dst.device.index or 0), ids, rng.sample(ids, pages))
-    nbytes = sum(n for _, n, _ in local)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        h = a.write(peer, local, remote)
-        while (state := a.poll(h)) is XferState.PENDING:
-            pass
-        assert state is XferState.DONE
-        best = min(best, time.perf_counter() - t0)
-        a.cancel(h)
-    flat_src, flat_dst = src[:nbytes], dst[:nbytes]
+    num_pages = max(pages + 1, (pool_mib << 20) // (LAYERS * PAGE_STRIDE))
+    src = torch.ones(LAYERS * num_pages * PAGE_STRIDE, dtype=torch.uint8, device=device)
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=_receiver, args=(child_conn, num_pages, device), daemon=True)
+    child.start()
+    try:
+        if not conn.poll(300):
+            raise SystemExit("the receiving process did not come up")
+        metadata, dst_addr, dst_dev = conn.recv()
+        a = NixlTransport(f"bench-a-{uuid.uuid4().hex[:6]}")
+        a.register(_region(src, num_pages))
+        peer = a.add_peer(metadata)
+        rng = random.Random(0)
+        ids = rng.sample(range(1, num_pages), pages)
+        local, remote = page_descriptors(_region(src, num_pages), RemotePool(dst_addr, num_pages * PAGE_STRIDE,
+                                                                             PAGE_STRIDE, dst_dev),
+                                         ids, rng.sample(ids, pages))
+        nbytes = sum(n for _, n, _ in local)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            h = a.write(peer, local, remote)
+            while (state := a.poll(h)) is XferState.PENDING:
+                pass
+            assert state is XferState.DONE
+            best = min(best, time.perf_counter() - t0)
+            a.cancel(h)
+        conn.send("done")
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    flat_src = src[:nbytes]
+    flat_dst = torch.empty_like(flat_src)
     copy = float("inf")
     for _ in range(5):
         if device.startswith("cuda"):
@@ -132,7 +164,8 @@ def transfer_ceiling(pool_mib: int, pages: int, device: str) -> dict:
             torch.cuda.synchronize()
         copy = min(copy, time.perf_counter() - t0)
     return {"bytes": nbytes, "descriptors": len(local), "nixl_write_gbs": nbytes / best / 1e9,
-            "copy_ceiling_gbs": nbytes / copy / 1e9, "mem": mem}
+            "copy_ceiling_gbs": nbytes / copy / 1e9, "mem": "VRAM" if device.startswith("cuda") else "DRAM",
+            "between": "two processes"}
 
 
 # -- 2. and 3. over HTTP -----------------------------------------------------------------------
@@ -238,12 +271,15 @@ def main() -> None:
     ap.add_argument("--burst-after-s", type=float, default=0.2)
     ap.add_argument("--ceiling-pages", type=int, default=256, help="pages per WRITE (30 layers x 64 KiB each)")
     ap.add_argument("--device", default="cpu", help="where the transfer-ceiling buffers live (cpu, cuda)")
+    ap.add_argument("--transfer-only", action="store_true", help="measure the transfer ceiling (1.) only")
     ap.add_argument("--out", type=Path, default=Path("docs/bench_disagg"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     result["transfer"] = transfer_ceiling(256, args.ceiling_pages, args.device)
     print("transfer", json.dumps(result["transfer"]))
+    if args.transfer_only:
+        return
     c, p, d = Worker(args, "both"), Worker(args, "prefill"), Worker(args, "decode")
     try:
         deadline = time.monotonic() + 600

@@ -6,6 +6,7 @@ plays the router: it POSTs to D with the room and prefill headers."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
 
-pytest.importorskip("nixl_cu12", reason="the pd extra (nixl-cu12) is not installed")
+if not any(importlib.util.find_spec(m) for m in ("nixl_cu12", "nixl_cu13")):
+    pytest.skip("the pd extra (nixl-cu12; nixl-cu13 on the GPU machine) is not installed", allow_module_level=True)
 
 C = "/v1/completions"
 COMMON = ["--max-model-len", "1024", "--kv-cache-memory", "16MiB", "--batch-invariant"]
@@ -75,11 +78,22 @@ def _start(*workers: Worker) -> None:
 
 
 @pytest.fixture(scope="module")
-def trio(tiny_chat_dir):
+def pd_model(tiny_chat_dir, default_dir, tmp_path_factory):
+    """The tiny chat model; on a GPU one of head_dim 64 (the kernels the GPU kit ships), so the same tests
+    run the workers on the device with VRAM NIXL."""
+    if not torch.cuda.is_available():
+        return tiny_chat_dir
+    from tests.conftest import save_tiny_chat_model
+
+    return save_tiny_chat_model(tmp_path_factory.mktemp("pd-gpu"), default_dir, hidden=256, heads=4)
+
+
+@pytest.fixture(scope="module")
+def trio(pd_model):
     """P (chunks of 32 tokens), D, and a colocated worker for reference."""
-    p = Worker(tiny_chat_dir, "prefill", "--max-num-batched-tokens", "32")
-    d = Worker(tiny_chat_dir, "decode")
-    c = Worker(tiny_chat_dir, "both")
+    p = Worker(pd_model, "prefill", "--max-num-batched-tokens", "32")
+    d = Worker(pd_model, "decode")
+    c = Worker(pd_model, "both")
     try:
         _start(p, d, c)
         yield p, d, c
@@ -261,7 +275,7 @@ def _wait_sending(p: Worker, timeout_s: float = 60) -> None:
         time.sleep(0.02)
 
 
-async def test_kill_each_side_mid_transfer(trio, tiny_chat_dir) -> None:
+async def test_kill_each_side_mid_transfer(trio, pd_model) -> None:
     """kill -9 of D while P pushes (P's WRITEs fail, P frees), then of P while a fresh D receives (D
     fails its rooms at once and frees): the survivor's pages all back to free/cached."""
     p, d, _ = trio
@@ -275,7 +289,7 @@ async def test_kill_each_side_mid_transfer(trio, tiny_chat_dir) -> None:
         m = await asyncio.to_thread(_wait_idle, p.url, 30)
         assert m["transfers.error"] + m["transfers.aborted"] + m["transfers.expired"] >= 1
 
-        d2 = Worker(tiny_chat_dir, "decode", "--kv-lease-s", "20")
+        d2 = Worker(pd_model, "decode", "--kv-lease-s", "20")
         try:
             await asyncio.to_thread(_start, d2)
             tasks = await _long_requests(http, p, d2, 4)

@@ -96,3 +96,27 @@ def test_a_disaggregated_role_with_tensor_parallelism_is_refused_by_name(role: s
     with pytest.raises(ConfigError, match=f"role {role} runs with tensor_parallel_size 1 only"):
         EngineConfig(model="m", role=role, tensor_parallel_size=2)
     EngineConfig(model="m", role="both", tensor_parallel_size=2)  # colocated TP stays allowed
+
+
+def test_the_first_large_write_to_a_peer_measures_the_lane_and_a_crawling_vram_one_is_an_error() -> None:
+    pytest.importorskip("nixl_cu12", reason="the pd extra (nixl-cu12) is not installed")
+    import time
+
+    from structlog.testing import capture_logs
+
+    from conveyor.runtime.disagg.nixl import LANE_PROBE_BYTES, NixlTransport
+    from conveyor.runtime.disagg.transport import XferState
+
+    t = NixlTransport("lane-probe-test")
+    t._mem = "VRAM"  # as a GPU pool would be: the verdict depends on it, the timing does not
+    small, big = object(), object()
+    t._timed(small, "p", LANE_PROBE_BYTES - 1, time.perf_counter())  # too small to show bandwidth
+    t._timed(big, "p", 32 << 20, time.perf_counter() - 2.0)  # 32 MiB in ~2 s: through the host
+    t.agent.check_xfer_state = lambda handle: "DONE"
+    with capture_logs() as logs:
+        assert t.poll(small) is XferState.DONE and t.lane_gbs == {}
+        assert t.poll(big) is XferState.DONE
+    assert 0 < t.lane_gbs["p"] < 0.02
+    assert [e["log_level"] for e in logs] == ["error"] and "through the host" in logs[0]["event"]
+    t._timed(object(), "p", 32 << 20, time.perf_counter())  # one probe per peer
+    assert t._probes == {}
