@@ -117,9 +117,10 @@ class Scheduler:
         # Decodes before prefill chunks, each group in the policy's order: a chunk ranked ahead of
         # the decodes would take the whole token budget and stall every decode for a step (with
         # sjf/srtf a promoted long request often prefills ahead of younger decoding ones).
-        ordered = self.policy.order_running(self.running)
-        decoding = [r for r in ordered if r.num_tokens - r.num_computed_tokens <= 1]
-        ordered = decoding + [r for r in ordered if r.num_tokens - r.num_computed_tokens > 1]
+        ranked = self.policy.order_running(self.running)
+        rank = {id(r): i for i, r in enumerate(ranked)}
+        decoding = [r for r in ranked if r.num_tokens - r.num_computed_tokens <= 1]
+        ordered = decoding + [r for r in ranked if r.num_tokens - r.num_computed_tokens > 1]
         for req in ordered:
             if budget == 0:
                 break
@@ -130,12 +131,19 @@ class Scheduler:
                 continue
             grown = True
             while not (grown := self.kv.grow(req.request_id, req.num_computed_tokens + n)):
-                # A pushing request's pages may be read by the transport: it is never a victim.
-                others = [r for r in self.running if r is not req and r.kv_push is None
-                          and all(r is not p for p, _ in picked)]
+                # Only a request the policy ranks below this one loses its pages for it, even one already
+                # picked (decodes are picked first, whatever their rank): it leaves the batch and gives
+                # its tokens back to the budget. A pushing request's pages may be read by the
+                # transport: it is never a victim.
+                others = [r for r in self.running if rank[id(r)] > rank[id(req)] and r.kv_push is None]
                 victim = self.policy.victim(others) if others else req
                 if victim is req and req.kv_push is not None:
                     break  # it waits a step for memory instead
+                for i, (p, m) in enumerate(picked):
+                    if p is victim:
+                        del picked[i]
+                        budget += m
+                        break
                 self._preempt(victim, retract=True)
                 preempted.append(victim)
                 if victim is req:
@@ -257,6 +265,7 @@ class Scheduler:
         if req.status is not RequestStatus.AWAIT_KV:
             raise AssertionError(f"request {req.request_id} is not awaiting KV")
         del self.awaiting[req.request_id]
+        req.remote_prefill = None  # from here it is a local request: a preemption recomputes it here
         self.kv.set_state(req.request_id, TableState.PRIVATE)
         req.num_computed_tokens = req.num_prompt_tokens
         req.num_tokens = req.num_prompt_tokens + 1  # the peer's sample counts as launched

@@ -206,3 +206,19 @@ def test_survivors_keep_their_tokens_under_random_aborts(pair, reference):
             assert out.finish_reason == "abort"
             assert pair.tokens(rid) == want[rid][:len(pair.tokens(rid))]
     _settle(pair)
+
+
+def test_a_decode_request_preempted_after_its_kv_arrived_recomputes_on_d(pair, reference):
+    """Once P's KV is in, the request is D's own: a preemption (memory pressure) recomputes it on D, with
+    the colocated tokens, instead of announcing its room to P a second time."""
+    prompts = {"a": _prompt(40, 11)}
+    want = colocated_tokens(reference, prompts, max_tokens=12)
+    pair.submit("a", prompts["a"], max_tokens=12)
+    req = pair.d.scheduler.requests["a"]
+    pair.run_until(lambda: req.status is RequestStatus.RUNNING and len(req.output_token_ids) >= 3)
+    assert req.remote_prefill is None
+    pair.d.scheduler.requeue(req)  # what a retraction does
+    pair.run_until(lambda: pair.finished("a") is not None)
+    assert pair.tokens("a") == want["a"] and pair.finished("a").finish_reason == "length"
+    assert pair.channel.num_ready == 1 and req.num_preemptions == 1
+    _settle(pair)

@@ -8,6 +8,7 @@ Workers are started and stopped by PID; every wait polls a condition under a dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -362,13 +363,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: Path, tmp_path: Path,
-                                                                http: aiohttp.ClientSession) -> None:
+class LaunchedRouter(NamedTuple):
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    pids: list[int]  # the children it started
+
+
+@contextlib.asynccontextmanager
+async def launched_router(launch: str, model: Path, tmp_path: Path,
+                          http: aiohttp.ClientSession) -> AsyncIterator[LaunchedRouter]:
+    """``conveyor router --launch ...`` as a real process, healthy with every child up; killed with its
+    children on the way out, whatever the test did."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "router.log"
-    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", "2", "--model",
-                             str(tiny_chat_dir), "--port", str(port), "--health-interval", "0.2", *ENGINE_ARGS],
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", launch, "--model", str(model),
+                             "--port", str(port), "--health-interval", "0.2", *ENGINE_ARGS],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     pids: list[int] = []
@@ -381,9 +392,26 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
             except aiohttp.ClientConnectionError:
                 return False
 
-        await until(healthy, timeout=120, what="the router and its two workers")
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-        pids = [rec["pid"] for rec in lines if rec["event"] == "worker started"]
+        await until(healthy, timeout=120, what=f"the router and its workers ({launch})")
+        pids.extend(rec["pid"] for rec in log_records(log) if rec["event"] == "worker started")
+        yield LaunchedRouter(proc, url, log, pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def log_records(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: Path, tmp_path: Path,
+                                                                http: aiohttp.ClientSession) -> None:
+    async with launched_router("2", tiny_chat_dir, tmp_path, http) as r:
+        url, pids = r.url, r.pids
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         async with http.post(url + C, json={"prompt": "hello", "max_tokens": 3}) as resp:
             assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 3
@@ -397,23 +425,16 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
 
         await until(reported, what="the dead child reported")
         assert any(rec.get("event") == "worker process exited" and rec.get("pid") == pids[0]
-                   for rec in map(json.loads, filter(lambda x: x.startswith("{"), log.read_text().splitlines())))
+                   for rec in log_records(r.log))
         async with http.post(url + C, json={"prompt": "hello", "max_tokens": 3}) as resp:
-            assert resp.status == 200, (await resp.text(), log.read_text()[-3000:])
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0, log.read_text()[-3000:]
+            assert resp.status == 200, (await resp.text(), r.log.read_text()[-3000:])
+        r.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(asyncio.to_thread(r.proc.wait), 60) == 0, r.log.read_text()[-3000:]
 
         async def children_gone() -> bool:
             return not any(_alive(p) for p in pids)
 
         await until(children_gone, timeout=10, what="every child to exit")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for p in pids:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
 
 
 async def test_launch_1p1d_streams_through_the_router_with_the_colocated_tokens(
@@ -423,33 +444,12 @@ async def test_launch_1p1d_streams_through_the_router_with_the_colocated_tokens(
     pytest.importorskip("nixl_cu12", reason="the pd extra (nixl-cu12) is not installed")
     from openai import AsyncOpenAI
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "router.log"
-    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "router", "--launch", "1p1d", "--model",
-                             str(tiny_chat_dir), "--port", str(port), "--health-interval", "0.2", *ENGINE_ARGS],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    pids: list[int] = []
-    try:
-        async def healthy() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                async with http.get(url + "/health") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await until(healthy, timeout=120, what="the router, P and D")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-        started = [rec for rec in records if rec["event"] == "worker started"]
-        pids = [rec["pid"] for rec in started]
-        assert len(pids) == 2
-
+    async with launched_router("1p1d", tiny_chat_dir, tmp_path, http) as r:
+        assert len(r.pids) == 2
         kw: dict[str, Any] = {"max_tokens": 12, "temperature": 0}
         prompts = ["The quick brown fox", "x" * 40 + " and then", "Tell me about rivers. " * 6]  # < 1, > 1 page
         got: dict[str, list[str]] = {}
-        for name, base in (("pd", url), ("colocated", pair[0].url)):
+        for name, base in (("pd", r.url), ("colocated", pair[0].url)):
             client = AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
             model = (await client.models.list()).data[0].id
             texts = []
@@ -463,20 +463,13 @@ async def test_launch_1p1d_streams_through_the_router_with_the_colocated_tokens(
         assert got["pd"] == got["colocated"] and all(got["pd"])
 
         async def idle() -> bool:  # both workers' pages back to free or cached, through the router's scrape
-            m = await scrape(http, url)
+            m = await scrape(http, r.url)
             busy = sum(series(m, "conveyor:kv_pages", state=s) for s in ("sending", "receiving", "quarantined"))
             return busy == 0 and series(m, "conveyor:kv_transfers_total", result="ok") >= len(prompts) + 1
 
         await until(idle, what="every kv page idle and the transfers counted")
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for p in pids:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
+        r.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(asyncio.to_thread(r.proc.wait), 60) == 0, r.log.read_text()[-3000:]
 
 
 def test_launch_fails_cleanly_when_a_child_dies_starting(tmp_path: Path) -> None:

@@ -117,3 +117,30 @@ def test_a_draining_request_keeps_its_slot_until_its_batch_is_done():
     second = s.schedule()
     assert [q.request.request_id for q in second.seqs] == ["b"]
     s.check_integrity()
+
+
+def test_a_younger_decode_picked_first_still_loses_its_pages_to_an_older_prefill():
+    """Decodes go first whatever their rank, so when memory runs out for an older request's prefill
+    chunk, a younger decode already in the batch is the victim (FCFS: latest arrival), not the older one."""
+    s = make(budget=8, pages=6, page_size=4)
+    young, old = req("young", 3, max_new=20, t=1.0), req("old", 18, max_new=2, t=0.0)
+    s.add(young)
+    batches = []
+
+    def step():
+        batch = s.schedule()
+        for seq in batch.seqs:
+            r = seq.request
+            if seq.samples and seq.sample_index == len(r.output_token_ids):
+                r.output_token_ids.append(7)
+        s.batch_done(batch)
+        batches.append(batch)
+
+    step()
+    s.add(old)  # arrived earlier, admitted later: ranked ahead of young, still prefilling
+    for _ in range(3):
+        step()
+    victims = [p.request_id for b in batches for p in b.preempted]
+    assert victims == ["young"]
+    assert [(q.request.request_id, q.num_tokens) for q in batches[3].seqs] == [("old", 4)]
+    s.check_integrity()

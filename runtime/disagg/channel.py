@@ -1,16 +1,19 @@
 """D's HTTP side channel to its prefill workers: /kv/ready, /kv/abort and a liveness check, on a
 thread of its own (aiohttp in a private event loop), so the engine thread never waits on a socket.
 
-A POST that P answered is a clear result (accepted, refused); one that failed to connect is a
+A POST that P answered is a clear result (accepted, refused); one that could not connect is a
 refusal too (P cannot have it); one that timed out or broke mid-way is "unsure" (P may have it,
-so D quarantines until the lease says otherwise). A watched P whose /health cannot be reached
-twice in a row is reported dead.
+so D quarantines until the lease says otherwise). Each attempt sends the lease that is left, so P's
+deadline never outlasts D's. A watched P whose port refuses connections twice in a row is dead (a
+gone process writes nothing); one whose /health times out twice is unreachable: its rooms fail,
+but their pages stay quarantined until the lease, since a stalled P may still write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 
 import aiohttp
@@ -23,7 +26,7 @@ from conveyor.runtime.disagg.wire import KVAbort, KVReady, PeerInfo
 log = structlog.get_logger("conveyor.disagg")
 
 LIVENESS_INTERVAL_S = 0.25
-LIVENESS_FAILURES = 2  # consecutive unreachable checks before P counts as dead
+LIVENESS_FAILURES = 2  # consecutive failed checks before P counts as dead (refused) or unreachable
 
 
 class HttpPrefillChannel:
@@ -40,7 +43,8 @@ class HttpPrefillChannel:
         self._thread = threading.Thread(target=self._run, name="conveyor-pd-channel", daemon=True)
         self._ready = threading.Event()
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            raise RuntimeError("the prefill side channel's thread did not start")
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -51,10 +55,20 @@ class HttpPrefillChannel:
 
     # -- the engine thread's side ------------------------------------------------------------
     def post_ready(self, url: str, ready: KVReady) -> None:
-        asyncio.run_coroutine_threadsafe(self._ready_post_once(url, ready), self._loop)
+        lease_ends = time.monotonic() + ready.lease_s
+        self._spawn(self._ready_post_once(url, ready, lease_ends), ready.room, url)
 
     def post_abort(self, url: str, room: str) -> None:
-        asyncio.run_coroutine_threadsafe(self._abort_post(url, room), self._loop)
+        self._spawn(self._abort_post(url, room), room, url)
+
+    def _spawn(self, coro, room: str, url: str) -> None:  # noqa: ANN001
+        """Run on the channel's loop; a bug in it must not leave the room waiting out its lease unheard."""
+        def done(f: "asyncio.Future[None]") -> None:
+            if not f.cancelled() and (e := f.exception()) is not None:
+                log.error("side channel task failed", room=room, url=url, error=repr(e))
+                self._events.append(ChannelEvent("unsure", room, url, f"side channel: {e!r}"))
+
+        asyncio.run_coroutine_threadsafe(coro, self._loop).add_done_callback(done)
 
     def watch(self, urls: set[str]) -> None:
         self._watched = set(urls)
@@ -83,30 +97,36 @@ class HttpPrefillChannel:
                                       headers={"Content-Type": "application/json"}) as resp:
             return resp.status, await resp.read()
 
-    async def _ready_post_once(self, url: str, ready: KVReady) -> None:
+    async def _ready_post_once(self, url: str, ready: KVReady, lease_ends: float) -> None:
         done = self._posting[ready.room] = asyncio.Event()
         try:
-            await self._ready_post(url, ready)
+            await self._ready_post(url, ready, lease_ends)
         finally:
             done.set()
             self._posting.pop(ready.room, None)
 
-    async def _ready_post(self, url: str, ready: KVReady) -> None:
+    async def _ready_post(self, url: str, ready: KVReady, lease_ends: float) -> None:
+        async def attempt(ready: KVReady) -> tuple[int, bytes] | None:
+            left = lease_ends - time.monotonic()  # what P gets: never past D's own deadline
+            if left <= 0:
+                return None
+            return await self._post(url, "/kv/ready", msgspec.json.encode(msgspec.structs.replace(ready, lease_s=left)))
+
         try:
-            status, body = await self._post(url, "/kv/ready", msgspec.json.encode(ready))
-            if status == 428 and ready.peer is None and self.peer is not None:  # P restarted: lost our metadata
-                ready = msgspec.structs.replace(ready, peer=self.peer)
-                status, body = await self._post(url, "/kv/ready", msgspec.json.encode(ready))
-        except aiohttp.ClientConnectionError as e:
-            if isinstance(e, aiohttp.ServerDisconnectedError):
-                self._events.append(ChannelEvent("unsure", ready.room, url, f"/kv/ready to {url}: {e}"))
-            else:
-                self._events.append(ChannelEvent("refused", ready.room, url, f"cannot reach the prefill worker "
-                                                 f"{url}: {e}"))
+            answer = await attempt(ready)
+            if answer is not None and answer[0] == 428 and ready.peer is None and self.peer is not None:
+                answer = await attempt(msgspec.structs.replace(ready, peer=self.peer))  # P restarted: lost our metadata
+        except aiohttp.ClientConnectorError as e:  # never connected: P cannot have it
+            self._events.append(ChannelEvent("refused", ready.room, url, f"cannot reach the prefill worker "
+                                             f"{url}: {e}"))
             return
         except (TimeoutError, aiohttp.ClientError) as e:
             self._events.append(ChannelEvent("unsure", ready.room, url, f"/kv/ready to {url}: {e!r}"))
             return
+        if answer is None:  # the lease ran out before it could be sent: P never had it
+            self._events.append(ChannelEvent("refused", ready.room, url, "the lease ran out before /kv/ready was sent"))
+            return
+        status, body = answer
         if status == 200:
             self._events.append(ChannelEvent("accepted", ready.room, url))
         elif 400 <= status < 500:
@@ -127,20 +147,26 @@ class HttpPrefillChannel:
 
     async def _liveness(self) -> None:
         assert self._session is not None
-        failures: dict[str, int] = {}
+        failures: dict[str, tuple[str, int]] = {}  # url -> (last verdict, how many in a row)
         while True:
             await asyncio.sleep(LIVENESS_INTERVAL_S)
             for url in list(self._watched):
+                verdict = "alive"
                 try:
                     async with self._session.get(url.rstrip("/") + "/health",
                                                  timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                        alive = resp.status < 500 or resp.status == 503
+                        if not (resp.status < 500 or resp.status == 503):
+                            verdict = "peer_unreachable"
+                except aiohttp.ClientConnectorError:  # its port refuses: the process is gone
+                    verdict = "peer_dead"
                 except (TimeoutError, aiohttp.ClientError):
-                    alive = False
-                failures[url] = 0 if alive else failures.get(url, 0) + 1
-                if failures[url] == LIVENESS_FAILURES:
-                    log.warning("prefill worker unreachable: failing its rooms", url=url)
-                    self._events.append(ChannelEvent("peer_dead", "", url))
+                    verdict = "peer_unreachable"
+                last, n = failures.get(url, ("alive", 0))
+                failures[url] = (verdict, n + 1 if verdict == last else 1)
+                if verdict != "alive" and failures[url][1] == LIVENESS_FAILURES:
+                    log.warning("prefill worker dead: freeing its rooms" if verdict == "peer_dead" else
+                                "prefill worker unreachable: failing its rooms, pages quarantined", url=url)
+                    self._events.append(ChannelEvent(verdict, "", url))
 
 
 def _message(status: int, body: bytes) -> str:

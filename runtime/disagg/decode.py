@@ -4,7 +4,7 @@ turn ``room:done`` into a running request, and fail or free everything else in b
 A room is AWAIT_KV from admission (pages RECEIVING) until P's ``done`` notice (-> RUNNING, P's token
 is output 0) or a failure: P's ``abort`` notice, /kv/ready refused, P found dead, or the lease
 running out. A room whose request left while P might still write (client abort, lease) stays
-QUARANTINED until P's notice for it, P known dead, or the lease plus a grace. P that never heard of
+QUARANTINED until P's notice for it, P known dead (its port refuses), or the lease plus a grace. P that never heard of
 a room (its /kv/ready refused, /kv/abort answered 404) cannot write: those pages are freed at once.
 """
 
@@ -40,7 +40,7 @@ class RemotePrefill(NamedTuple):
 
 
 class ChannelEvent(NamedTuple):
-    kind: str  # "accepted" | "refused" | "unsure" | "abort_unknown" | "peer_dead"
+    kind: str  # "accepted" | "refused" | "unsure" | "abort_unknown" | "peer_dead" | "peer_unreachable"
     room: str = ""
     url: str = ""
     error: str = ""
@@ -184,14 +184,17 @@ class DecodeReceiver:
         if ev.kind == "accepted":
             self.accepted_by.add(ev.url)
             return []
-        if ev.kind == "peer_dead":
+        if ev.kind in ("peer_dead", "peer_unreachable"):
             outputs: list[RequestOutput] = []
             self.accepted_by.discard(ev.url)
             for room in [r for r in self.rooms.values() if r.url == ev.url]:
                 if room.req.status is RequestStatus.AWAIT_KV:
-                    outputs += fail(room.req, f"{FAILURE}: the prefill worker {ev.url} is gone")
+                    outputs += fail(room.req, f"{FAILURE}: the prefill worker {ev.url} is "
+                                              f"{'gone' if ev.kind == 'peer_dead' else 'not answering'}")
                     self.stats.count("peer_dead")
-                self._release(room)  # a dead process writes nothing
+                if ev.kind == "peer_dead":
+                    self._release(room)  # a gone process writes nothing
+                # unreachable: it may only be stalled and still write, so its pages wait out the lease
             return outputs
         room = self.rooms.get(ev.room)
         if room is None:

@@ -114,12 +114,15 @@ class NixlTransport:
 
     def write(self, peer: str, local: Sequence[Desc], remote: Sequence[Desc], notif: bytes = b"") -> Any:
         t0 = time.perf_counter()
+        handle = None
         try:
             loc = self.agent.get_xfer_descs(list(local), self._mem)
             rem = self.agent.get_xfer_descs(list(remote), self._mem)
             handle = self.agent.initialize_xfer("WRITE", loc, rem, peer, notif)
             state = self.agent.transfer(handle)
         except Exception as e:  # NIXL_ERR_REMOTE_DISCONNECT and friends raise here
+            if handle is not None:
+                self.cancel(handle)
             raise TransportError(f"NIXL WRITE to {peer} failed: {e}") from e
         if state == "ERR":
             self.cancel(handle)

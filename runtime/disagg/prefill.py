@@ -161,7 +161,11 @@ class PrefillPusher:
         dst = [t.pages[i - t.first_page] for i in idx]
         local, remote = page_descriptors(self.region, self.peers[t.agent], src, dst)
         if not local:  # nothing left but the notice (a prompt whose pages all went earlier)
-            self.transport.notify(t.agent, notif)
+            try:
+                self.transport.notify(t.agent, notif)
+            except TransportError as e:
+                room.failed, room.result = str(e), "error"
+                return
             room.next_page = upto
             return
         try:
@@ -216,6 +220,13 @@ class PrefillPusher:
             if room.posted and not room.handles:
                 self._end(room, None)
         return outputs
+
+    def close(self) -> None:
+        """The engine is closing: give back every WRITE handle still out (the pool goes next)."""
+        for room in self.rooms.values():
+            for h in room.handles:
+                self.transport.cancel(h)
+            room.handles = []
 
     def _end(self, room: _Room, notice: RoomNotice | None) -> None:
         """The room is over: tell D if it failed (its done rode on the last WRITE), free the pages."""

@@ -380,9 +380,9 @@ class EngineCore:
             self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
             with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
                 self.executor.wait(self._in_flight.popleft().launched)
-        self.executor.close()
-        if isinstance(self.disagg, DecodeReceiver):
+        if self.disagg is not None:  # before the pool goes: no transfer may still land in it
             self.disagg.close()
+        self.executor.close()
         if self._predictor_path is not None:
             assert self.scheduler.policy.predictor is not None
             save_predictor(self.scheduler.policy.predictor, self._predictor_path)

@@ -40,7 +40,7 @@ class Rooms:
     def __init__(self) -> None:
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.live: dict[str, asyncio.Task[None] | None] = {}
-        self.peers: set[str] = set()  # P: decode agents whose metadata the engine has
+        self.peers: set[str] = set()  # P: decode agents whose metadata the engine has (as far as we know)
 
     def take(self, room: str) -> None:
         if room in self.seen or room in self.live:
@@ -153,16 +153,21 @@ async def _kv_ready(request: web.Request) -> web.Response:
     push_request(req, ready, time.monotonic())
     if ready.peer is not None:
         rooms.peers.add(ready.agent)
-    rooms.live[ready.room] = asyncio.create_task(_run_room(engine, req, rooms))
+    rooms.live[ready.room] = asyncio.create_task(_run_room(engine, req, rooms, ready.agent))
     return _json(RoomAccepted(room=ready.room))
 
 
-async def _run_room(engine: EngineClient, req: Request, rooms: Rooms) -> None:
-    """Drain a room's one output (the engine pushes its KV meanwhile); the output goes nowhere."""
+async def _run_room(engine: EngineClient, req: Request, rooms: Rooms, agent: str) -> None:
+    """Drain a room's one output (the engine pushes its KV meanwhile); the output goes nowhere.
+
+    A room that ended in an error may have failed on its decode agent (metadata the engine could not
+    take): the agent is forgotten here too, so its next room is answered 428 and brings the metadata
+    again, instead of failing in the engine where D would only hear of it from its lease."""
     try:
         async with aclosing(engine.submit(req)) as outs:
-            async for _ in outs:
-                pass
+            async for out in outs:
+                if out.finish_reason == "error":
+                    rooms.peers.discard(agent)
     except Exception as e:  # the engine died: its rooms' decode workers see the liveness check fail
         log.warning("room ended with an engine error", room=req.request_id, error=repr(e))
     finally:
