@@ -19,13 +19,10 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -34,54 +31,25 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the conveyor checkout this script belongs to
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conveyor.runtime.tools.serve_process import ServeProcess, start_all  # noqa: E402
 
 
-class Worker:
-    def __init__(self, args: argparse.Namespace, role: str, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"pd-{role}-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "conveyor", "serve", "--model", args.model, "--role", role, "--port",
-               str(self.port), "--max-model-len", str(args.max_model_len), *args.engine_args.split(), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def start_worker(args: argparse.Namespace, role: str) -> ServeProcess:
+    log = Path(tempfile.mkstemp(prefix=f"pd-{role}-", suffix=".log")[1])
+    return ServeProcess(["--model", args.model, "--role", role, "--max-model-len", str(args.max_model_len),
+                         *args.engine_args.split()], log=log)
 
-    def wait(self, deadline: float) -> None:
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"worker exited; see {self.log.name}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"worker did not come up; see {self.log.name}")
+
+def room_lines(d: ServeProcess) -> list[dict]:
+    """D's "kv room done" log records: each room's TTFT split."""
+    out = []
+    for line in d.log_path.read_text(errors="replace").splitlines():
+        if '"kv room done"' in line:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def room_lines(self) -> list[dict]:
-        out = []
-        for line in Path(self.log.name).read_text(errors="replace").splitlines():
-            if '"kv room done"' in line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        return out
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
 
 
 # -- 1. transfer ceiling ----------------------------------------------------------------------
@@ -186,11 +154,11 @@ async def stream(http: aiohttp.ClientSession, url: str, body: dict, headers: dic
     return times
 
 
-def headers_for(p: Worker | None) -> dict:
+def headers_for(p: ServeProcess | None) -> dict:
     return {} if p is None else {"X-Conveyor-Room": uuid.uuid4().hex, "X-Conveyor-Prefill": p.url}
 
 
-async def ttft(url: str, p: Worker | None, n: int, prompt_len: int) -> list[float]:
+async def ttft(url: str, p: ServeProcess | None, n: int, prompt_len: int) -> list[float]:
     out = []
     async with aiohttp.ClientSession() as http:
         for i in range(n):
@@ -201,7 +169,7 @@ async def ttft(url: str, p: Worker | None, n: int, prompt_len: int) -> list[floa
     return out
 
 
-async def itl_under_burst(url: str, p: Worker | None, args: argparse.Namespace) -> dict:
+async def itl_under_burst(url: str, p: ServeProcess | None, args: argparse.Namespace) -> dict:
     """Decoders stream until a burst of long prompts has been served; the gaps between their tokens
     that end inside the burst window are the inter-token latency the burst inflicts."""
     async with aiohttp.ClientSession() as http:
@@ -280,14 +248,12 @@ def main() -> None:
     print("transfer", json.dumps(result["transfer"]))
     if args.transfer_only:
         return
-    c, p, d = Worker(args, "both"), Worker(args, "prefill"), Worker(args, "decode")
+    c, p, d = (start_worker(args, role) for role in ("both", "prefill", "decode"))
     try:
-        deadline = time.monotonic() + 600
-        for w in (c, p, d):
-            w.wait(deadline)
+        start_all((c, p, d), timeout_s=600)
         result["ttft_s"] = {"colocated": asyncio.run(ttft(c.url, None, args.ttft_requests, args.prompt_len)),
                             "pd": asyncio.run(ttft(d.url, p, args.ttft_requests, args.prompt_len))}
-        result["ttft_split_s"] = split(d.room_lines())
+        result["ttft_split_s"] = split(room_lines(d))
         result["itl"] = {"colocated": asyncio.run(itl_under_burst(c.url, None, args)),
                          "pd": asyncio.run(itl_under_burst(d.url, p, args))}
     finally:

@@ -12,10 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -25,6 +21,8 @@ import aiohttp
 import pytest
 import torch
 
+from conveyor.runtime.tools.serve_process import ServeProcess, start_all
+
 if not any(importlib.util.find_spec(m) for m in ("nixl_cu12", "nixl_cu13")):
     pytest.skip("the pd extra (nixl-cu12; nixl-cu13 on the GPU machine) is not installed", allow_module_level=True)
 
@@ -32,49 +30,12 @@ C = "/v1/completions"
 COMMON = ["--max-model-len", "1024", "--kv-cache-memory", "16MiB", "--batch-invariant"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(model: Path, role: str, *extra: str) -> ServeProcess:
+    return ServeProcess(["--model", str(model), "--role", role, *COMMON, *extra])
 
 
-class Worker:
-    def __init__(self, model: Path, role: str, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the worker's logging
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "serve", "--model", str(model), "--role", role, "--port",
-             str(self.port), *COMMON, *extra],
-            stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-3000:]
-
-    def wait_healthy(self, deadline: float) -> None:
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited: {self.tail()}")
-            assert time.monotonic() < deadline, "worker did not come up"
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-        self.log.close()
-
-
-def _start(*workers: Worker) -> None:
-    deadline = time.monotonic() + 180
-    for w in workers:
-        w.wait_healthy(deadline)
+def _start(*workers: ServeProcess) -> None:
+    start_all(workers)
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +52,15 @@ def pd_model(tiny_chat_dir, default_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trio(pd_model):
     """P (chunks of 32 tokens), D, and a colocated worker for reference."""
-    p = Worker(pd_model, "prefill", "--max-num-batched-tokens", "32")
-    d = Worker(pd_model, "decode")
-    c = Worker(pd_model, "both")
+    p = worker(pd_model, "prefill", "--max-num-batched-tokens", "32")
+    d = worker(pd_model, "decode")
+    c = worker(pd_model, "both")
     try:
         _start(p, d, c)
         yield p, d, c
     finally:
         for w in (p, d, c):
-            w.stop()
+            w.stop(kill=True)
 
 
 def _room() -> str:
@@ -289,7 +250,7 @@ async def test_kill_each_side_mid_transfer(trio, pd_model) -> None:
         m = await asyncio.to_thread(_wait_idle, p.url, 30)
         assert m["transfers.error"] + m["transfers.aborted"] + m["transfers.expired"] >= 1
 
-        d2 = Worker(pd_model, "decode", "--kv-lease-s", "20")
+        d2 = worker(pd_model, "decode", "--kv-lease-s", "20")
         try:
             await asyncio.to_thread(_start, d2)
             tasks = await _long_requests(http, p, d2, 4)
@@ -301,4 +262,4 @@ async def test_kill_each_side_mid_transfer(trio, pd_model) -> None:
             m = await asyncio.to_thread(_wait_idle, d2.url, 15)
             assert m["transfers.peer_dead"] >= 1
         finally:
-            d2.stop()
+            d2.stop(kill=True)

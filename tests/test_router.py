@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ from conveyor.runtime.router.launcher import free_port, parse_launch, plan_child
 from conveyor.runtime.router.policy import CacheAwarePolicy
 from conveyor.runtime.router.prefix_tree import PrefixTree
 from conveyor.runtime.router.workers import Worker
+from conveyor.runtime.tools.serve_process import ServeProcess, start_all
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_ARGS = ["--max-model-len", "2048", "--kv-cache-memory", "8MiB"]
@@ -109,60 +109,21 @@ def test_settings_refuse_mixed_and_half_pd() -> None:
 
 
 # -- helpers for real processes ---------------------------------------------------------------
-class WorkerProc:
-    def __init__(self, model: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "serve", "--model", str(model), "--port", str(self.port),
-             *ENGINE_ARGS], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_healthy(self, deadline: float) -> None:
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{self.url} not healthy in time"
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def start_workers(model: Path, tmp: Path, n: int) -> list[WorkerProc]:
-    workers = [WorkerProc(model, tmp / f"worker{i}.log") for i in range(n)]
-    try:
-        deadline = time.monotonic() + 120
-        for w in workers:
-            w.wait_healthy(deadline)
-    except BaseException:
-        stop_all(workers)
-        raise
+def start_workers(model: Path, tmp: Path, n: int) -> list[ServeProcess]:
+    workers = [ServeProcess(["--model", str(model), *ENGINE_ARGS], log=tmp / f"worker{i}.log") for i in range(n)]
+    start_all(workers, timeout_s=120)
     return workers
 
 
-def stop_all(workers: list[WorkerProc]) -> None:
+def stop_all(workers: list[ServeProcess]) -> None:
     for w in workers:  # all at once: each drains on its own
-        if w.proc.poll() is None:
-            w.proc.terminate()
+        w.terminate()
     for w in workers:
         w.stop()
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProc]]:
+def pair(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServeProcess]]:
     workers = start_workers(tiny_chat_dir, tmp_path_factory.mktemp("pair"), 2)
     yield workers
     stop_all(workers)
@@ -189,7 +150,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def router(pair: list[WorkerProc]) -> AsyncIterator[Router]:
+async def router(pair: list[ServeProcess]) -> AsyncIterator[Router]:
     r = await start_router(RouterSettings(workers=tuple(w.url for w in pair), health_interval=0.2))
     yield r
     await r.runner.cleanup()
@@ -224,7 +185,7 @@ async def first_event(resp: aiohttp.ClientResponse) -> bytes:
 
 
 # -- replicas ---------------------------------------------------------------------------------
-async def test_same_greedy_tokens_as_a_worker_hit_directly(pair: list[WorkerProc], router: Router) -> None:
+async def test_same_greedy_tokens_as_a_worker_hit_directly(pair: list[ServeProcess], router: Router) -> None:
     from openai import AsyncOpenAI
 
     via = AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -246,7 +207,7 @@ async def test_same_greedy_tokens_as_a_worker_hit_directly(pair: list[WorkerProc
     assert got[0][2] == 12 and got[0][0] == got[0][4] and got[0][3] == got[0][5]
 
 
-async def test_a_shared_prefix_goes_to_one_worker(pair: list[WorkerProc], router: Router,
+async def test_a_shared_prefix_goes_to_one_worker(pair: list[ServeProcess], router: Router,
                                                   http: aiohttp.ClientSession) -> None:
     prefix = "You are a meticulous librarian who catalogues every book by author, year and shelf. " * 4
     before = {w.url: await scrape(http, w.url) for w in pair}
@@ -266,7 +227,7 @@ async def test_a_shared_prefix_goes_to_one_worker(pair: list[WorkerProc], router
     assert hits[owner.url] >= 3 * 16 and hits[other.url] == 0, hits
 
 
-async def test_least_load_spreads_concurrent_unrelated_requests(pair: list[WorkerProc], router: Router,
+async def test_least_load_spreads_concurrent_unrelated_requests(pair: list[ServeProcess], router: Router,
                                                                 http: aiohttp.ClientSession) -> None:
     prompts = ["Alpha centauri is", "Bravo, said the crowd", "Charlie went fishing", "Delta of the river"]
     streams = []
@@ -293,7 +254,7 @@ async def test_least_load_spreads_concurrent_unrelated_requests(pair: list[Worke
     await until(idle, what="workers idle after the clients left")
 
 
-async def test_client_disconnect_mid_stream_aborts_on_the_worker(pair: list[WorkerProc], router: Router,
+async def test_client_disconnect_mid_stream_aborts_on_the_worker(pair: list[ServeProcess], router: Router,
                                                                  http: aiohttp.ClientSession) -> None:
     before = await scrape(http, router.url)
     resp = await http.post(router.url + CHAT, json={"messages": [{"role": "user", "content": "Tell a long story"}],
@@ -438,7 +399,7 @@ async def test_launch_2_serves_and_stops_every_child_on_sigterm(tiny_chat_dir: P
 
 
 async def test_launch_1p1d_streams_through_the_router_with_the_colocated_tokens(
-        pair: list[WorkerProc], tiny_chat_dir: Path, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+        pair: list[ServeProcess], tiny_chat_dir: Path, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Three processes (router, P, D) from one command; the openai client streams through the router; KV goes
     P -> D over NIXL; greedy tokens equal a colocated worker's; every page idle on both workers afterwards."""
     pytest.importorskip("nixl_cu12", reason="the pd extra (nixl-cu12) is not installed")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +34,7 @@ from conveyor.runtime.async_engine import AsyncEngine
 from conveyor.runtime.engine.config import EngineConfig
 from conveyor.runtime.server.app import STATE, ServerSettings, build_app
 from conveyor.runtime.server.serve import make_runner
+from conveyor.runtime.tools.serve_process import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -810,12 +810,6 @@ async def test_engine_death_fails_requests_instead_of_hanging(tiny_model_dir: Pa
 
 
 # -- graceful shutdown ----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_sigterm_graceful_shutdown(tiny_model_dir: Path, http: aiohttp.ClientSession) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore
 from conveyor.runtime.tools.driver import run_until_idle
+from conveyor.runtime.tools.serve_process import free_port
 from conveyor.runtime.worker import tp_wire
 from conveyor.runtime.worker.shm_ring import PeerGone, RingReader, RingWriter
 from conveyor.scheduler import PoolWrite, Request, SamplingParams, ScheduledBatch, ScheduledSeq
@@ -235,9 +235,7 @@ def test_unshardable_models_are_refused_before_any_rank_starts(default_dir: Path
 
 
 def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "conveyor", "serve", "--model", str(tiny_chat_dir), "--port", str(port),

@@ -19,12 +19,13 @@ import msgspec
 import structlog
 
 from conveyor.memory import TableState
+from conveyor.runtime.disagg.role import Arrived, Fail
 from conveyor.runtime.disagg.stats import TransferStats
 from conveyor.runtime.disagg.transport import Transport
 from conveyor.runtime.disagg.wire import KVReady, PeerInfo, RoomNotice, decode_notice
 from conveyor.runtime.engine.executor import KVRegion
 from conveyor.runtime.engine.outputs import RequestOutput, SampleLogprobs, TokenLogprob
-from conveyor.scheduler import Request, RequestStatus, Scheduler
+from conveyor.scheduler import Request, RequestStatus, ScheduledBatch, Scheduler
 
 log = structlog.get_logger("conveyor.disagg")
 
@@ -99,6 +100,20 @@ class DecodeReceiver:
     def busy(self) -> bool:
         return bool(self.rooms)
 
+    def check(self, req: Request) -> None:
+        if req.kv_push is not None:
+            raise ValueError("a request to push KV needs --role prefill")
+
+    def add(self, req: Request) -> None:
+        pass  # announced once admitted (after_launch): P hears of nothing D cannot hold
+
+    def after_launch(self) -> None:
+        if awaiting := self.scheduler.take_awaiting():
+            self.announce(awaiting)
+
+    def after_batch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
+        pass
+
     def announce(self, reqs: list[Request]) -> None:
         """Tell each newly admitted room's P what to compute and where to write it."""
         ps = self.scheduler.kv.page_size
@@ -116,8 +131,7 @@ class DecodeReceiver:
                                         deadline + self.post_timeout_s + QUARANTINE_GRACE_S, len(ready.pages))
             self.channel.post_ready(rp.prefill_url, ready)
 
-    def poll(self, arrived: Callable[[Request, int, SampleLogprobs | None], list[RequestOutput]],
-             fail: Callable[[Request, str], list[RequestOutput]]) -> list[RequestOutput]:
+    def poll(self, arrived: Arrived, fail: Fail) -> list[RequestOutput]:
         """Apply notices, channel events and deadlines. ``arrived`` starts a request with P's token,
         ``fail`` ends one with an error (it becomes QUARANTINED if it was awaiting)."""
         outputs: list[RequestOutput] = []
@@ -147,8 +161,7 @@ class DecodeReceiver:
         self.channel.watch({r.url for r in self.rooms.values()})
         return outputs
 
-    def _on_notice(self, notice: RoomNotice, arrived: Callable[..., list[RequestOutput]],
-                   fail: Callable[[Request, str], list[RequestOutput]]) -> list[RequestOutput]:
+    def _on_notice(self, notice: RoomNotice, arrived: Arrived, fail: Fail) -> list[RequestOutput]:
         room = self.rooms.get(notice.room)
         if room is None:
             log.warning("notice for an unknown room", room=notice.room, kind=notice.kind)
@@ -180,7 +193,7 @@ class DecodeReceiver:
             self._release(room)
         return []
 
-    def _on_event(self, ev: ChannelEvent, fail: Callable[[Request, str], list[RequestOutput]]) -> list[RequestOutput]:
+    def _on_event(self, ev: ChannelEvent, fail: Fail) -> list[RequestOutput]:
         if ev.kind == "accepted":
             self.accepted_by.add(ev.url)
             return []

@@ -20,6 +20,7 @@ import msgspec
 import structlog
 
 from conveyor.memory import TableState
+from conveyor.runtime.disagg.role import Arrived, Fail
 from conveyor.runtime.disagg.stats import TransferStats
 from conveyor.runtime.disagg.transport import RemotePool, Transport, TransportError, XferState, page_descriptors
 from conveyor.runtime.disagg.wire import KVReady, PeerInfo, RoomNotice, encode_notice
@@ -101,8 +102,17 @@ class PrefillPusher:
     def busy(self) -> bool:
         return bool(self.rooms)
 
+    def check(self, req: Request) -> None:
+        if req.remote_prefill is not None:
+            raise ValueError("a request with a remote prefill needs --role decode")
+
+    def after_launch(self) -> None:
+        pass
+
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        if req.kv_push is None:
+            return  # not a room (nothing on P serves clients, but an embedded caller may)
         target: PushTarget = req.kv_push
         req.kv_hold = True
         self.rooms[req.request_id] = _Room(req, target, next_page=target.first_page)
@@ -180,8 +190,8 @@ class PrefillPusher:
         room.next_page = upto
 
     # -- every step -----------------------------------------------------------------------
-    def poll(self, abort: Callable[[Request, str], list[RequestOutput]]) -> list[RequestOutput]:
-        """Advance every room; ``abort`` fails a request still in the scheduler."""
+    def poll(self, arrived: Arrived, abort: Fail) -> list[RequestOutput]:
+        """Advance every room; ``abort`` fails a request still in the scheduler (nothing arrives on P)."""
         outputs: list[RequestOutput] = []
         now = self.clock()
         for rid, room in list(self.rooms.items()):

@@ -8,10 +8,10 @@ blame they fail alone and the rest of their batch recomputes; otherwise the batc
 fail. Either way every batch that will not be processed lets go of its requests, so their pages
 and slots come back. Too many failures in a row (a broken device) raise ``EngineFatalError``.
 
-Disaggregated roles attach ``disagg`` (runtime/disagg): a ``PrefillPusher`` is told of every
-processed batch (its KV is written then) and pushes those pages; a ``DecodeReceiver`` announces
-requests admitted into AWAIT_KV and starts them when their KV and first token arrived. Both are
-polled at the top of every step, on this thread: every transport call happens here.
+Disaggregated roles attach ``disagg`` (a ``DisaggRole``, runtime/disagg/role.py): a prefill worker's
+half is told of every processed batch (its KV is written then) and pushes those pages; a decode
+worker's announces requests admitted into AWAIT_KV and starts them when their KV and first token
+arrived. It is polled at the top of every step, on this thread: every transport call happens here.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 import structlog
 
 from conveyor.memory import KVCacheManager, SwapSpace, make_reservation
-from conveyor.runtime.disagg.decode import DecodeReceiver
-from conveyor.runtime.disagg.prefill import PrefillPusher
+from conveyor.runtime.disagg.role import DisaggRole
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.executor import BatchResult, Executor
 from conveyor.runtime.engine.input_processor import InputProcessor
@@ -162,19 +161,19 @@ class EngineCore:
         self.grammar_mask_batches = 0
         self.step_records: list[StepRecord] | None = None  # set to [] to record every step
         self.step_observers: list[Callable[[int], None]] = []  # told each finished batch's token count (metrics)
-        self.disagg: PrefillPusher | DecodeReceiver | None = None  # set by build_engine for --role prefill|decode
+        self.disagg: DisaggRole | None = None  # set by build_engine for --role prefill|decode
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, req: Request) -> RequestOutput | None:
         """Queue a request; returns its error output instead if it cannot be served (it fails alone)."""
         try:
             self.executor.check_sampling_params(req.params)
-            if req.kv_push is not None and not isinstance(self.disagg, PrefillPusher):
-                raise ValueError("a request to push KV needs --role prefill")
-            if req.remote_prefill is not None and not isinstance(self.disagg, DecodeReceiver):
-                raise ValueError("a request with a remote prefill needs --role decode")
+            if self.disagg is not None:
+                self.disagg.check(req)
+            elif req.kv_push is not None or req.remote_prefill is not None:
+                raise ValueError("a disaggregated request needs --role prefill or decode")
             self.scheduler.add(req)
-            if isinstance(self.disagg, PrefillPusher) and req.kv_push is not None:
+            if self.disagg is not None:
                 self.disagg.add(req)
         except Exception as e:  # the input stage should have refused it: a request built by hand
             log.warning("request refused by the engine", request_id=req.request_id, error=repr(e))
@@ -198,13 +197,6 @@ class EngineCore:
         return self.scheduler.has_work() or bool(self._in_flight) or (self.disagg is not None and self.disagg.busy())
 
     # -- disaggregation -------------------------------------------------------------------
-    def _poll_disagg(self) -> list[RequestOutput]:
-        if isinstance(self.disagg, PrefillPusher):
-            return self.disagg.poll(self._fail)
-        if isinstance(self.disagg, DecodeReceiver):
-            return self.disagg.poll(self._kv_arrived, self._fail)
-        return []
-
     def _fail(self, req: Request, error: str) -> list[RequestOutput]:
         return [self.outputs.abort(req, FinishReason.ERROR, error)]
 
@@ -218,14 +210,14 @@ class EngineCore:
 
         Depth 1 is the no-overlap twin: launch, wait, process, repeat.
         """
-        early = self._poll_disagg() if self.disagg is not None else []
+        early = self.disagg.poll(self._kv_arrived, self._fail) if self.disagg is not None else []
         try:
             launched = self._launch_next()
         except _BatchFailed as f:  # batches launched before this one are sound: they go on
             return early + self._recover(f.error, [f.batch])
         finally:
-            if isinstance(self.disagg, DecodeReceiver) and (awaiting := self.scheduler.take_awaiting()):
-                self.disagg.announce(awaiting)
+            if self.disagg is not None:
+                self.disagg.after_launch()
         # Nothing launched and nothing in flight while requests exist: the policy is holding them
         # back on purpose (a static batch filling up). The caller should wait, not spin.
         self.stalled = not launched and not self._in_flight
@@ -279,7 +271,7 @@ class EngineCore:
             outputs = self.outputs.process(done.batch, result.token_ids, _logprobs(result.logprobs))
         except Exception as e:
             raise _BatchFailed(done.batch, e) from e
-        if isinstance(self.disagg, PrefillPusher):  # its KV is written: push it before its pages can move
+        if self.disagg is not None:  # its KV is written: push it before its pages can move
             self.disagg.after_batch(done.batch, outputs)
         self.scheduler.batch_done(done.batch)
         for observe in self.step_observers:
