@@ -549,6 +549,9 @@ async def test_pd_sends_the_request_to_d_with_a_fresh_room_and_relays_bytes(http
         # The client leaves mid-stream: the router closes its connection to D at once.
         resp = await http.post(r.url + CHAT, json={"messages": [], "stream": True, "max_tokens": 999})
         assert await first_event(resp) == CANNED[0]
+        m = await scrape(http, r.url)  # D answers: P's part is over, so is its load; D's goes on
+        assert series(m, "conveyor:router_in_flight", role="prefill") == 0
+        assert series(m, "conveyor:router_in_flight", role="decode") == 1
         resp.close()
         await asyncio.wait_for(d.closed.wait(), 10)
         m = await scrape(http, r.url)

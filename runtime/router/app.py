@@ -16,7 +16,8 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import structlog
@@ -186,16 +187,25 @@ async def _models(request: web.Request) -> web.Response:
                       state.settings.retry_after_s)
 
 
-class _Sent(NamedTuple):
+@dataclass
+class _Sent:
     """A request a worker has accepted: its answer, and the workers whose in-flight count it holds."""
 
     upstream: aiohttp.ClientResponse
     target: Choice
     prefill: Choice | None
     room: str | None
+    holds_prefill: bool = True
 
-    def held(self) -> list[Worker]:
-        return [self.target.worker] + ([self.prefill.worker] if self.prefill else [])
+    def release_prefill(self) -> None:
+        """D's first byte of answer: P's part (the prompt, its KV sent) is over, so is its load."""
+        if self.prefill is not None and self.holds_prefill:
+            self.holds_prefill = False
+            self.prefill.worker.in_flight -= 1
+
+    def release(self) -> None:
+        self.release_prefill()
+        self.target.worker.in_flight -= 1
 
 
 async def _relay(request: web.Request) -> web.StreamResponse:
@@ -214,15 +224,14 @@ async def _relay(request: web.Request) -> web.StreamResponse:
     sent = await _send(request, body, routing_key(request.path, parsed), request_id)
     outcome = "upstream_error"
     try:
-        response, outcome = await _send_back(request, sent.upstream)
+        response, outcome = await _send_back(request, sent)
         return response
     except asyncio.CancelledError:
         outcome = "client_disconnect"
         raise
     finally:
         sent.upstream.close()  # at once, not back to the pool: an unfinished answer means the worker must abort
-        for w in sent.held():
-            w.in_flight -= 1
+        sent.release()
         state.metrics.requests.labels(sent.target.worker.url, outcome).inc()
         log.info("request relayed", path=request.path, worker=sent.target.worker.url,
                  prefill=sent.prefill.worker.url if sent.prefill else None, room=sent.room,
@@ -267,7 +276,8 @@ async def _send(request: web.Request, body: bytes, key: str, request_id: str) ->
             raise
 
 
-async def _send_back(request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[web.StreamResponse, str]:
+async def _send_back(request: web.Request, sent: _Sent) -> tuple[web.StreamResponse, str]:
+    upstream = sent.upstream
     outcome = "ok" if upstream.status < 400 else "client_error" if upstream.status < 500 else "server_error"
     if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         try:
@@ -280,6 +290,7 @@ async def _send_back(request: web.Request, upstream: aiohttp.ClientResponse) -> 
     await resp.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():  # as it arrives: no buffering of the stream
+            sent.release_prefill()
             await resp.write(chunk)
     except aiohttp.ClientPayloadError as e:  # the worker died mid-stream: end it the way a worker ends a failure
         log.warning("worker failed mid-stream", worker=str(upstream.url.origin()), error=str(e))
