@@ -118,7 +118,6 @@ class Scheduler:
         # the decodes would take the whole token budget and stall every decode for a step (with
         # sjf/srtf a promoted long request often prefills ahead of younger decoding ones).
         ranked = self.policy.order_running(self.running)
-        rank = {id(r): i for i, r in enumerate(ranked)}
         decoding = [r for r in ranked if r.num_tokens - r.num_computed_tokens <= 1]
         ordered = decoding + [r for r in ranked if r.num_tokens - r.num_computed_tokens > 1]
         for req in ordered:
@@ -129,13 +128,13 @@ class Scheduler:
             n = self._tokens_to_run(req, budget)
             if n == 0:
                 continue
-            grown = True
             while not (grown := self.kv.grow(req.request_id, req.num_computed_tokens + n)):
                 # Only a request the policy ranks below this one loses its pages for it, even one already
                 # picked (decodes are picked first, whatever their rank): it leaves the batch and gives
                 # its tokens back to the budget. A pushing request's pages may be read by the
                 # transport: it is never a victim.
-                others = [r for r in self.running if rank[id(r)] > rank[id(req)] and r.kv_push is None]
+                below = {id(r) for r in ranked[ranked.index(req) + 1:]}  # only when memory ran out: rare
+                others = [r for r in self.running if id(r) in below and r.kv_push is None]
                 victim = self.policy.victim(others) if others else req
                 if victim is req and req.kv_push is not None:
                     break  # it waits a step for memory instead
