@@ -24,7 +24,9 @@ import sys
 import tempfile
 import time
 import uuid
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -32,6 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the conveyor checkout this script belongs to
 
 from conveyor.runtime.tools.serve_process import ServeProcess, start_all  # noqa: E402
+
+if TYPE_CHECKING:  # imported late where used: --help and the HTTP parts need no torch
+    import torch
+
+    from conveyor.runtime.engine.executor import KVRegion
 
 
 def start_worker(args: argparse.Namespace, role: str) -> ServeProcess:
@@ -56,7 +63,7 @@ def room_lines(d: ServeProcess) -> list[dict]:
 LAYERS, PAGE_STRIDE = 30, 64 << 10  # SmolLM2-135M at page 16 in bf16 is 30 layers x 24 KiB; round up
 
 
-def _region(t, num_pages: int):  # noqa: ANN001, ANN202 (torch is imported late)
+def _region(t: torch.Tensor, num_pages: int) -> KVRegion:
     from conveyor.runtime.engine.executor import KVCompat, KVRegion
 
     mem = "VRAM" if t.device.type == "cuda" else "DRAM"
@@ -64,7 +71,7 @@ def _region(t, num_pages: int):  # noqa: ANN001, ANN202 (torch is imported late)
                     KVCompat("bench", "uint8", LAYERS, 1, 1, 16, "layer,page"))
 
 
-def _receiver(conn, num_pages: int, device: str) -> None:  # noqa: ANN001
+def _receiver(conn: Connection, num_pages: int, device: str) -> None:
     """D's side in its own process, as in PD: a registered pool the writer's WRITEs land in."""
     import torch
 

@@ -15,6 +15,8 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -61,7 +63,7 @@ class HttpPrefillChannel:
     def post_abort(self, url: str, room: str) -> None:
         self._spawn(self._abort_post(url, room), room, url)
 
-    def _spawn(self, coro, room: str, url: str) -> None:  # noqa: ANN001
+    def _spawn(self, coro: Coroutine[Any, Any, None], room: str, url: str) -> None:
         """Run on the channel's loop; a bug in it must not leave the room waiting out its lease unheard."""
         def done(f: "asyncio.Future[None]") -> None:
             if not f.cancelled() and (e := f.exception()) is not None:
