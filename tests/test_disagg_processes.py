@@ -156,6 +156,11 @@ async def test_roles_and_side_channel_errors(trio) -> None:
             assert r.status == 400 and (await r.json())["error"]["param"] == "X-Conveyor-Prefill"
         async with http.post(p.url + C, json=body) as r:  # P serves no clients
             assert r.status == 400 and (await r.json())["error"]["code"] == "wrong_role"
+        room = _room()  # a field D cannot honour disaggregated: a 400 naming it, and the room stays free
+        async with http.post(d.url + C, json=body | {"prompt_logprobs": 1}, headers=_headers(p, room)) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "prompt_logprobs"
+        async with http.post(d.url + C, json=body, headers=_headers(p, room)) as r:
+            assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
         async with http.post(p.url + "/kv/abort", json={"room": _room()}) as r:
             assert r.status == 404
         async with http.post(d.url + "/kv/ready", json={"room": "x"}) as r:

@@ -68,10 +68,10 @@ def bind_rooms(request: web.Request, requests: list[Request], rooms: Rooms) -> l
     for name in names:
         if name in rooms.live:
             raise ApiError(409, f"room {name!r} is already in use", param=ROOM_HEADER, code="duplicate_room")
+    if any(req.params.prompt_logprobs is not None for req in requests):  # refused before any room is bound
+        raise bad_request("prompt_logprobs", "prompt_logprobs and echo are not served disaggregated: "
+                          "the prefill worker computes the prompt")
     for name, req in zip(names, requests):
-        if req.params.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs", "prompt_logprobs and echo are not served disaggregated: "
-                              "the prefill worker computes the prompt")
         req.remote_prefill = RemotePrefill(name, prefill.rstrip("/"))
         rooms.live[name] = None
     return names
