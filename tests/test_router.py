@@ -443,9 +443,12 @@ def test_launch_fails_cleanly_when_a_child_dies_starting(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    records = log_records(log)
     pids = [r["pid"] for r in records if r["event"] == "worker started"]
-    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+    survivors = [p for p in pids if _alive(p)]
+    for p in survivors:  # a failing check must not leave them running for the rest of CI
+        os.kill(p, signal.SIGKILL)
+    assert len(pids) == 2 and not survivors
     failed = next(r for r in records if r["event"] == "workers did not start")
     assert "exited with code 2" in failed["reason"]
 

@@ -36,7 +36,7 @@ from conveyor.runtime.build import build_engine
 from conveyor.runtime.engine.config import ConfigError, EngineConfig
 from conveyor.runtime.engine.core import EngineCore
 from conveyor.runtime.tools.driver import run_until_idle
-from conveyor.runtime.tools.serve_process import free_port
+from conveyor.runtime.tools.serve_process import ServeProcess
 from conveyor.runtime.worker import tp_wire
 from conveyor.runtime.worker.shm_ring import PeerGone, RingReader, RingWriter
 from conveyor.scheduler import PoolWrite, Request, SamplingParams, ScheduledBatch, ScheduledSeq
@@ -235,16 +235,9 @@ def test_unshardable_models_are_refused_before_any_rank_starts(default_dir: Path
 
 
 def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: Path) -> None:
-    port = free_port()
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor", "serve", "--model", str(tiny_chat_dir), "--port", str(port),
-         "--tensor-parallel-size", "2", "--kv-cache-memory", "64MiB", "--max-model-len", "256"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    stderr: list[bytes] = []
-    threading.Thread(target=lambda: stderr.extend(proc.stderr or []), daemon=True).start()
+    srv = ServeProcess(["--model", str(tiny_chat_dir), "--tensor-parallel-size", "2", "--kv-cache-memory", "64MiB",
+                        "--max-model-len", "256"])
+    url = srv.url
 
     def status(path: str) -> int:
         try:
@@ -256,8 +249,7 @@ def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: P
             return 0
 
     try:
-        wait_for(lambda: proc.poll() is not None or status("/health") == 200, "the server", 120)
-        assert proc.poll() is None, b"".join(stderr).decode()[-3000:]
+        srv.wait_healthy(time.monotonic() + 120)
         body = json.dumps({"prompt": "Hello", "max_tokens": 5, "temperature": 0}).encode()
         req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -270,7 +262,7 @@ def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: P
         with urllib.request.urlopen(constrained, timeout=30) as resp:
             text = json.loads(resp.read())["choices"][0]["text"]
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
-        children = [int(c) for task in Path(f"/proc/{proc.pid}/task").iterdir()  # spawned by whichever thread built it
+        children = [int(c) for task in Path(f"/proc/{srv.pid}/task").iterdir()  # spawned by whichever thread built it
                     for c in (task / "children").read_text().split()]
         workers = [c for c in children if b"tp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(workers) == 1
@@ -279,12 +271,7 @@ def test_serve_with_tensor_parallel_size_2_answers_a_completion(tiny_chat_dir: P
             pass  # the request that finds the rank dead fails
         wait_for(lambda: status("/health") == 503, "/health to report the dead engine")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop(timeout_s=DEADLINE_S)
 
 
 # -- the parts, in-process ------------------------------------------------------------------
