@@ -39,14 +39,15 @@ class Attention(nn.Module):
         """q (contiguous), k, v for attention: the qkv projection, Qwen3's q/k norms, RoPE."""
         t = x.shape[0]
         qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = kernels.rope(q, k, positions)
+            assert self.k_norm is not None
+            q, k = kernels.qk_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                        self.num_heads, self.num_kv_heads)
+        else:
+            q = qkv[:, : self.q_size].reshape(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size: self.q_size + self.kv_size].reshape(t, self.num_kv_heads, self.head_dim)
+            q, k = kernels.rope(q, k, positions)
         return q.contiguous(), k, v
 
     def output(self, o: torch.Tensor, kernels: Kernels) -> torch.Tensor:
@@ -89,10 +90,11 @@ class DecoderModel(nn.Module):
         # or a stand-in tokenizer for dummy weights) cannot decode the rest, so they are never sampled.
         self.output_vocab = cfg.vocab_size
 
-    def init_kernels(self, max_positions: int, linear_tile: int | None = None) -> None:
-        """Pick the kernel set for the weights' device (after loading) and build the RoPE tables."""
+    def init_kernels(self, max_positions: int, linear_tile: int | None = None, fused: bool = False) -> None:
+        """Pick the kernel set for the weights' device (after loading) and build the RoPE tables;
+        ``fused``: on CUDA, small batches run model/triton_kernels.py."""
         device = self.embed_tokens.weight.device
-        self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device, linear_tile)
+        self.kernels = make_kernels(self.config.rope, self.config.head_dim, max_positions, device, linear_tile, fused)
 
     # The forward in pieces, split at attention: ``runtime.piecewise_graphs`` captures everything
     # between two attentions as one CUDA graph and runs attention (ragged, planned per batch) eagerly.
@@ -112,15 +114,18 @@ class DecoderModel(nn.Module):
         layer's input norm (the final norm after the last layer). ``residual`` may be updated in place."""
         kernels = self._kernels()
         layer = self.layers[i]
-        h = layer.self_attn.output(o, kernels)
-        if self.tp is not None:
-            h = self.tp.all_reduce(h)
-        norm = layer.post_attention_layernorm
-        h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
-        h = layer.mlp(h, kernels)
-        if self.tp is not None:
-            h = self.tp.all_reduce(h)
+        attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
         norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+        o = o.reshape(o.shape[0], attn.q_size)
+        if self.tp is None:  # each projection fused with the residual add and norm after it
+            h, residual = kernels.linear_add_rms_norm(o, attn.o_proj.weight, residual, post.weight, post.eps)
+            gate_up = kernels.linear(h, mlp.gate_up_proj.weight)
+            return kernels.linear_add_rms_norm(gate_up, mlp.down_proj.weight, residual, norm.weight, norm.eps,
+                                               silu_mul=True)
+        # Row-parallel projections hold partial sums: all-reduced before the residual add.
+        h = self.tp.all_reduce(attn.output(o, kernels))
+        h, residual = kernels.add_rms_norm(h, residual, post.weight, post.eps)
+        h = self.tp.all_reduce(mlp(h, kernels))
         return kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
 
     def _embed_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ the engine core over them. Entry points (``AsyncEngine``, ``LLM``, tools, script
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 
@@ -57,6 +58,12 @@ def build_engine(config: EngineConfig) -> EngineCore:
         except BaseException:
             core.close()
             raise
+    # What start-up built lives as long as the engine: out of the cycle collector's sight, a full
+    # collection mid-run scans only what requests allocate, not the whole heap (a pause of ~0.2 s
+    # on the H200, seen as one idle gap in a W1 run). vLLM freezes its heap the same way.
+    # EngineCore.close() unfreezes it, so a closed engine's cycles can be collected.
+    gc.collect()
+    gc.freeze()
     log.info("engine ready", role=config.role, model=core.model_name, device=str(worker.device),
              dtype=str(worker.dtype).removeprefix("torch."), kv_pages=worker.kv_layout.num_pages,
              block_size=config.block_size, max_model_len=max_len, tensor_parallel_size=config.tensor_parallel_size)

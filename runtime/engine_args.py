@@ -26,6 +26,7 @@ _HELP = {
     "preemption_mode": "when the KV pool runs dry: recompute, or swap the KV to host memory and back",
     "swap_space": "GiB of pinned host memory for swapped-out KV",
     "max_piecewise_tokens": "CUDA: prefill/mixed steps up to this many tokens replay piecewise CUDA graphs; 0: eager",
+    "fused_kernels": "CUDA: small-batch steps use our Triton kernels (skinny GEMMs, fused norm/RoPE); off: cuBLAS + FlashInfer only",
     "batch_invariant": "a request's tokens never depend on what shares its batch (slower; see the README)",
     "length_predictor_path": "sjf/srtf/adaptive: keep what the length predictor learned in this file across restarts",
     "tenant_weights": "fair: TENANT=WEIGHT,... service shares by request user (others weigh 1)",

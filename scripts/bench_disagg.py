@@ -1,8 +1,12 @@
 """Prefill/decode disaggregation, measured: colocated (one `--role both` worker) against PD (one
 `--role prefill` + one `--role decode`, KV over NIXL), on this machine.
 
-1. Transfer ceiling: a NIXL WRITE of scattered KV pages (the pool's geometry, random page ids)
-   from this process into another's pool, against a plain copy of the same bytes (memcpy / device copy).
+1. Transfer ceiling: NIXL WRITEs from this process into another's pool, one pool geometry (30 layers
+   x 64 KiB pages, layer-major): scattered pages (random ids), one request's consecutive pages (16, 64,
+   256 MiB: a descriptor per layer), the same bytes as one descriptor (what a page-major layout would
+   give), 8 requests in flight; through the engine's transport, through prepared descriptor lists, and
+   with NIXL's scatter-gather WRITE and UCX thread pool; each checked byte for byte, against a plain copy
+   of the same bytes (memcpy / device copy). `--transfer-only` stops there.
 2. TTFT at low load, one request at a time: colocated vs PD, and PD's split from D's log
    (D admission, P queue, P compute, side channel + transfer tail).
 3. Decode inter-token latency p50/p99 of running streams while a burst of long prompts arrives,
@@ -24,9 +28,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -38,6 +43,8 @@ from conveyor.runtime.tools.serve_process import ServeProcess, start_all  # noqa
 if TYPE_CHECKING:  # imported late where used: --help and the HTTP parts need no torch
     import torch
 
+    from conveyor.runtime.disagg.nixl import NixlTransport
+    from conveyor.runtime.disagg.transport import RemotePool
     from conveyor.runtime.engine.executor import KVRegion
 
 
@@ -61,6 +68,16 @@ def room_lines(d: ServeProcess) -> list[dict]:
 
 # -- 1. transfer ceiling ----------------------------------------------------------------------
 LAYERS, PAGE_STRIDE = 30, 64 << 10  # SmolLM2-135M at page 16 in bf16 is 30 layers x 24 KiB; round up
+REQUEST_MIB = (16, 64, 256)  # one request's KV as the allocator hands pages out (consecutive on both sides)
+IN_FLIGHT = 8  # 16 MiB requests posted back to back: throughput with several rooms sending, not one's latency
+REPS = 5  # timed repetitions after one warm-up; the median is reported
+# The engine's transport as configured (runtime/disagg/nixl.py: scatter-gather WRITE on), and the switches
+# one at a time against it: NIXL's default posting (a ucp_put_nbx per descriptor), the UCX thread pool.
+SENDERS = {"engine": {}, "no-sgl": {"sgl": False}, "no-sgl+threads4": {"sgl": False, "threads": 4},
+           "sgl+threads4": {"sgl": True, "threads": 4}}
+
+Descs = list[tuple[int, int, int]]  # (address, bytes, device) as transport.page_descriptors makes them
+Write = tuple[Descs, Descs]  # (local, remote) descriptors of one WRITE
 
 
 def _region(t: torch.Tensor, num_pages: int) -> KVRegion:
@@ -71,8 +88,22 @@ def _region(t: torch.Tensor, num_pages: int) -> KVRegion:
                     KVCompat("bench", "uint8", LAYERS, 1, 1, 16, "layer,page"))
 
 
+def _digest(t: torch.Tensor) -> int:
+    """A position-sensitive checksum (pages landing in the wrong slot change it), the same on both sides."""
+    import torch
+
+    words = t.view(torch.int64)
+    total = 0
+    for lo in range(0, words.numel(), 1 << 24):  # in chunks: bounded temporaries on CPU
+        chunk = words[lo:lo + (1 << 24)]
+        weights = torch.arange(lo + 1, lo + 1 + chunk.numel(), dtype=torch.int64, device=t.device)
+        total = (total + int((chunk * weights).sum().item())) % (1 << 61)
+    return total
+
+
 def _receiver(conn: Connection, num_pages: int, device: str) -> None:
-    """D's side in its own process, as in PD: a registered pool the writer's WRITEs land in."""
+    """D's side in its own process, as in PD: a registered pool the writer's WRITEs land in. Between
+    cases the writer asks it to zero the pool ("zero") or to checksum it ("digest")."""
     import torch
 
     from conveyor.runtime.disagg.nixl import NixlTransport
@@ -81,69 +112,202 @@ def _receiver(conn: Connection, num_pages: int, device: str) -> None:
     b = NixlTransport(f"bench-b-{os.getpid()}")
     b.register(_region(dst, num_pages))
     conn.send((b.metadata(), dst.data_ptr(), dst.device.index or 0))
-    conn.recv()  # the writer is done
+    while (cmd := conn.recv()) != "done":
+        if cmd == "zero":
+            dst.zero_()
+            conn.send("ok")
+        else:
+            conn.send(_digest(dst))
 
 
-def transfer_ceiling(pool_mib: int, pages: int, device: str) -> dict:
-    """NIXL WRITE of ``pages`` scattered pages x LAYERS from this process into another's pool (the lane PD
-    uses: a transfer to the same process takes another), against a plain copy of the same bytes here."""
+def _request_pages(mib: int, first_src: int, first_dst: int) -> tuple[list[int], list[int]]:
+    """Pages of one request of ``mib`` MiB of KV, consecutive on both sides."""
+    n = -(-(mib << 20) // (LAYERS * PAGE_STRIDE))
+    return list(range(first_src, first_src + n)), list(range(first_dst, first_dst + n))
+
+
+def _random_pages(num_pages: int, pages: int) -> tuple[list[int], list[int]]:
+    """``pages`` page ids scattered over the pool, sent to the same ids shuffled: nothing coalesces."""
+    rng = random.Random(0)
+    ids = rng.sample(range(1, num_pages), pages)
+    return ids, rng.sample(ids, pages)
+
+
+def _cases(local: KVRegion, remote: RemotePool, num_pages: int, pages: int) -> dict[str, list[Write]]:
+    """Each case: the WRITEs posted back to back, then waited for together."""
+    from conveyor.runtime.disagg.transport import page_descriptors
+
+    cases = {f"random {pages} pages": [page_descriptors(local, remote, *_random_pages(num_pages, pages))]}
+    for mib in REQUEST_MIB:
+        n = len(_request_pages(mib, 0, 0)[0])
+        loc, rem = page_descriptors(local, remote, *_request_pages(mib, 1, num_pages - n))
+        nbytes = sum(n for _, n, _ in loc)
+        cases[f"request {mib} MiB"] = [(loc, rem)]
+        cases[f"one descriptor {mib} MiB"] = [([(loc[0][0], nbytes, loc[0][2])], [(rem[0][0], nbytes, rem[0][2])])]
+    per = len(_request_pages(16, 0, 0)[0])
+    cases[f"{IN_FLIGHT} x request 16 MiB in flight"] = [
+        page_descriptors(local, remote, *_request_pages(16, 1 + i * per, num_pages - (i + 1) * per))
+        for i in range(IN_FLIGHT)]
+    return cases
+
+
+def _expected_digest(src: torch.Tensor, writes: list[Write], local: KVRegion, remote_addr: int) -> int:
+    """The receiver's checksum after ``writes`` land in its zeroed pool."""
+    import torch
+
+    image = torch.zeros_like(src)
+    for loc, rem in writes:
+        for (la, n, _), (ra, _, _) in zip(loc, rem):
+            image[ra - remote_addr:ra - remote_addr + n] = src[la - local.addr:la - local.addr + n]
+    return _digest(image)
+
+
+def _time(t: NixlTransport, post: Callable[[], list[Any]]) -> tuple[float, float]:
+    """Medians over REPS (after one warm-up) of the seconds to post and to see every WRITE done."""
+    from conveyor.runtime.disagg.transport import XferState
+
+    posted: list[float] = []
+    done: list[float] = []
+    for rep in range(REPS + 1):
+        t0 = time.perf_counter()
+        handles = post()
+        t1 = time.perf_counter()
+        for h in handles:
+            while (state := t.poll(h)) is XferState.PENDING:
+                pass
+            if state is not XferState.DONE:
+                raise SystemExit(f"a WRITE ended {state}")
+        t2 = time.perf_counter()
+        for h in handles:
+            t.cancel(h)
+        if rep:
+            posted.append(t1 - t0)
+            done.append(t2 - t0)
+    return statistics.median(posted), statistics.median(done)
+
+
+def _prepped_poster(t: NixlTransport, peer: str, local: KVRegion, remote: RemotePool, num_pages: int,
+                    src_pages: list[int], dst_pages: list[int]) -> Callable[[], list[Any]]:
+    """(d) The same pages through lists prepared once (vLLM's way: ``prep_xfer_dlist`` of every page of
+    every layer, ``make_prepped_xfer`` by index; NIXL merges runs of consecutive indices itself): what
+    is left of the per-descriptor cost once Python and descriptor lookup are out of the loop is UCX's."""
+    import numpy as np
+
+    def rows(addr: int, layer_stride: int, dev: int) -> np.ndarray:
+        return np.array([[addr + layer * layer_stride + p * PAGE_STRIDE, PAGE_STRIDE, dev]
+                         for layer in range(LAYERS) for p in range(num_pages)], dtype=np.uint64)
+
+    mem = local.mem
+    mine = t.agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(local.addr, local.layer_stride, local.device_id), mem)
+    theirs = t.agent.prep_xfer_dlist(peer, rows(remote.addr, remote.layer_stride, remote.device_id), mem)
+    li = np.array([layer * num_pages + p for layer in range(LAYERS) for p in src_pages], dtype=np.int32)
+    ri = np.array([layer * num_pages + p for layer in range(LAYERS) for p in dst_pages], dtype=np.int32)
+
+    def post() -> list[Any]:
+        h = t.agent.make_prepped_xfer("WRITE", mine, li, theirs, ri)
+        if t.agent.transfer(h) == "ERR":
+            raise SystemExit("prepped WRITE failed at post")
+        return [h]
+
+    return post
+
+
+def transfer_ceiling(pool_mib: int, pages: int, device: str, senders: list[str]) -> dict:
+    """NIXL WRITEs from this process into another's pool (the lane PD uses: a transfer to the same process
+    takes another), for one pool geometry: scattered pages, a request's consecutive pages, the same bytes as
+    one descriptor, several requests in flight; each through the engine's transport and through the NIXL
+    switches that cut the per-descriptor cost (``SENDERS``), checked byte for byte; against a plain copy of
+    the same bytes here."""
     import multiprocessing as mp
 
     import torch
 
     from conveyor.runtime.disagg.nixl import NixlTransport
-    from conveyor.runtime.disagg.transport import RemotePool, XferState, page_descriptors
+    from conveyor.runtime.disagg.transport import RemotePool, XferState
 
-    num_pages = max(pages + 1, (pool_mib << 20) // (LAYERS * PAGE_STRIDE))
-    src = torch.ones(LAYERS * num_pages * PAGE_STRIDE, dtype=torch.uint8, device=device)
+    largest = -(-(max(REQUEST_MIB) << 20) // (LAYERS * PAGE_STRIDE))
+    num_pages = max(pages + 1, largest + 2, (pool_mib << 20) // (LAYERS * PAGE_STRIDE))
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (LAYERS * num_pages * PAGE_STRIDE,), dtype=torch.uint8, generator=gen).to(device)
+    local = _region(src, num_pages)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_receiver, args=(child_conn, num_pages, device), daemon=True)
     child.start()
+    rows: list[dict] = []
     try:
         if not conn.poll(300):
             raise SystemExit("the receiving process did not come up")
         metadata, dst_addr, dst_dev = conn.recv()
-        a = NixlTransport(f"bench-a-{uuid.uuid4().hex[:6]}")
-        a.register(_region(src, num_pages))
-        peer = a.add_peer(metadata)
-        rng = random.Random(0)
-        ids = rng.sample(range(1, num_pages), pages)
-        local, remote = page_descriptors(_region(src, num_pages), RemotePool(dst_addr, num_pages * PAGE_STRIDE,
-                                                                             PAGE_STRIDE, dst_dev),
-                                         ids, rng.sample(ids, pages))
-        nbytes = sum(n for _, n, _ in local)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            h = a.write(peer, local, remote)
-            while (state := a.poll(h)) is XferState.PENDING:
-                pass
-            assert state is XferState.DONE
-            best = min(best, time.perf_counter() - t0)
-            a.cancel(h)
+        remote = RemotePool(dst_addr, num_pages * PAGE_STRIDE, PAGE_STRIDE, dst_dev)
+        cases = _cases(local, remote, num_pages, pages)
+        expected = {name: _expected_digest(src, writes, local, dst_addr) for name, writes in cases.items()}
+
+        def measure(case: str, sender: str, t: NixlTransport, post: Callable[[], list[Any]], descs: int) -> None:
+            conn.send("zero")
+            conn.recv()
+            for h in post():  # one WRITE into the zeroed pool, then its checksum
+                while t.poll(h) is XferState.PENDING:
+                    pass
+                t.cancel(h)
+            conn.send("digest")
+            correct = conn.recv() == expected[case]
+            posted, done = _time(t, post)
+            nbytes = sum(n for loc, _ in cases[case] for _, n, _ in loc)
+            rows.append({"case": case, "sender": sender, "bytes": nbytes, "writes": len(cases[case]),
+                         "descriptors": descs, "post_ms": round(posted * 1e3, 3), "done_ms": round(done * 1e3, 3),
+                         "gbs": round(nbytes / done / 1e9, 2), "us_per_descriptor": round(done / descs * 1e6, 2),
+                         "correct": correct})
+            print("transfer", json.dumps(rows[-1]), flush=True)
+
+        for sender in senders:
+            t = NixlTransport(f"bench-a-{sender}-{uuid.uuid4().hex[:6]}", **SENDERS[sender])
+            t.register(local)
+            peer = t.add_peer(metadata)
+            for case, writes in cases.items():
+                def post(t: NixlTransport = t, peer: str = peer, writes: list[Write] = writes) -> list[Any]:
+                    return [t.write(peer, loc, rem) for loc, rem in writes]
+
+                measure(case, sender, t, post, sum(len(loc) for loc, _ in writes))
+            if sender == "engine":
+                case = f"random {pages} pages"
+                measure(case, "engine, prepped lists", t,
+                        _prepped_poster(t, peer, local, remote, num_pages, *_random_pages(num_pages, pages)),
+                        len(cases[case][0][0]))
         conn.send("done")
     finally:
         child.join(30)
         if child.is_alive():
             child.kill()
-    flat_src = src[:nbytes]
-    flat_dst = torch.empty_like(flat_src)
-    copy = float("inf")
-    for _ in range(5):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        flat_dst.copy_(flat_src)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        copy = min(copy, time.perf_counter() - t0)
-    return {"bytes": nbytes, "descriptors": len(local), "nixl_write_gbs": nbytes / best / 1e9,
-            "copy_ceiling_gbs": nbytes / copy / 1e9, "mem": "VRAM" if device.startswith("cuda") else "DRAM",
-            "between": "two processes"}
+    copy_gbs: dict[int, float] = {}
+    for nbytes in sorted({r["bytes"] for r in rows}):
+        flat_src = src[:nbytes]
+        flat_dst = torch.empty_like(flat_src)
+        times: list[float] = []
+        for _ in range(REPS + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            flat_dst.copy_(flat_src)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        copy_gbs[nbytes] = round(nbytes / statistics.median(times[1:]) / 1e9, 2)
+    for r in rows:
+        r["copy_ceiling_gbs"] = copy_gbs[r["bytes"]]
+    return {"mem": local.mem, "between": "two processes", "page_stride": PAGE_STRIDE, "layers": LAYERS,
+            "pool_pages": num_pages, "reps": REPS, "stat": "median", "cases": rows}
 
 
-# -- 2. and 3. over HTTP -----------------------------------------------------------------------
+def _print_table(transfer: dict) -> None:
+    print(f"{'case':34} {'sender':22} {'MiB':>6} {'descs':>6} {'post ms':>8} {'done ms':>8} {'GB/s':>8} "
+          f"{'us/desc':>8} {'copy GB/s':>9} ok")
+    for r in transfer["cases"]:
+        print(f"{r['case']:34} {r['sender']:22} {r['bytes'] / 2**20:6.1f} {r['descriptors']:6d} {r['post_ms']:8.3f} "
+              f"{r['done_ms']:8.3f} {r['gbs']:8.2f} {r['us_per_descriptor']:8.2f} {r['copy_ceiling_gbs']:9.2f} "
+              f"{'yes' if r['correct'] else 'NO'}")
+
+
 def prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(100, 30000) for _ in range(n)]
@@ -245,14 +409,16 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=8)
     ap.add_argument("--burst-after-s", type=float, default=0.2)
     ap.add_argument("--ceiling-pages", type=int, default=256, help="pages per WRITE (30 layers x 64 KiB each)")
+    ap.add_argument("--ceiling-senders", default=",".join(SENDERS),
+                    help=f"comma-separated NIXL sender setups for the transfer ceiling, of {', '.join(SENDERS)}")
     ap.add_argument("--device", default="cpu", help="where the transfer-ceiling buffers live (cpu, cuda)")
     ap.add_argument("--transfer-only", action="store_true", help="measure the transfer ceiling (1.) only")
     ap.add_argument("--out", type=Path, default=Path("docs/bench_disagg"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-    result["transfer"] = transfer_ceiling(256, args.ceiling_pages, args.device)
-    print("transfer", json.dumps(result["transfer"]))
+    result["transfer"] = transfer_ceiling(256, args.ceiling_pages, args.device, args.ceiling_senders.split(","))
+    _print_table(result["transfer"])
     if args.transfer_only:
         return
     c, p, d = (start_worker(args, role) for role in ("both", "prefill", "decode"))

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under its CPU interpreter (tests/test_triton_kernels.py). The
+# flag is read as triton is imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conveyor.memory.device import kv_bytes_per_token
 from conveyor.model import resolve_model

@@ -134,6 +134,68 @@ def test_fixed_tile_linear_gives_a_row_the_same_bits_in_any_batch():
     torch.testing.assert_close(got[0], plain[0], rtol=2e-2, atol=2e-2)
 
 
+# (N, K) of qwen3-0.6b's projections, SmolLM2's (576 wide) and one with a qkv bias.
+TRITON_SHAPES = [(4096, 1024), (1024, 2048), (1024, 3072), (960, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("n,k", TRITON_SHAPES)
+def test_triton_gemms_match_the_torch_reference(rows, n, k):
+    import torch.nn.functional as F
+
+    from conveyor.model import triton_kernels as tk
+    from conveyor.model.config import RopeConfig
+    from conveyor.model.kernels import TorchKernels
+
+    dev = torch.device("cuda")
+    torch.manual_seed(rows * 31 + n)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    got = tk.skinny_linear(x, w, b)
+    assert got is not None and got.shape == (rows, n)
+    assert tk.skinny_linear(torch.randn(tk.MAX_ROWS + 1, k, device=dev, dtype=torch.bfloat16), w) is None
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=2e-2, atol=2e-2)
+
+    ref = TorchKernels(RopeConfig(), 64, 16, dev)
+    gate_up = torch.randn(rows, 2 * k, device=dev, dtype=torch.bfloat16)
+    norm_w = torch.rand(n, device=dev, dtype=torch.bfloat16) + 0.5
+    for silu_mul, x_in in ((False, x), (True, gate_up)):
+        residual = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
+        want_h, want_res = ref.linear_add_rms_norm(x_in, w, residual.clone(), norm_w, 1e-6, silu_mul=silu_mul)
+        fused = tk.linear_add_rms_norm(x_in, w, residual, norm_w, 1e-6, silu_mul=silu_mul)
+        assert fused is not None
+        h, res = fused
+        assert res.data_ptr() == residual.data_ptr()  # in place, as FlashInfer's fused_add_rmsnorm
+        torch.testing.assert_close(res, want_res, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(h, want_h, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (9, 3, 64)])
+def test_triton_qk_norm_rope_matches_the_torch_reference(rows, heads, kv_heads, head_dim):
+    from conveyor.model import triton_kernels as tk
+    from conveyor.model.config import RopeConfig
+    from conveyor.model.kernels import FlashInferKernels, TorchKernels
+
+    dev = torch.device("cuda")
+    torch.manual_seed(rows + head_dim)
+    rope = RopeConfig(theta=1e6)
+    ref = TorchKernels(rope, head_dim, 4096, dev)
+    fi = FlashInferKernels(rope, head_dim, 4096, dev)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, device=dev, dtype=torch.bfloat16)
+    positions = torch.randint(0, 4096, (rows,), device=dev, dtype=torch.int32)
+    wq = torch.rand(head_dim, device=dev, dtype=torch.bfloat16) + 0.5
+    wk = torch.rand(head_dim, device=dev, dtype=torch.bfloat16) + 0.5
+    want_q, want_k = ref.qk_norm_rope(qkv, positions.long(), wq, wk, 1e-6, heads, kv_heads)
+    fused = tk.qk_norm_rope(qkv, positions, wq, wk, 1e-6, fi.cos_sin, heads, kv_heads, head_dim)
+    assert fused is not None
+    q, k = fused
+    assert q.is_contiguous() and k.is_contiguous()
+    torch.testing.assert_close(q, want_q, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(k, want_k, rtol=3e-2, atol=3e-2)
+
+
 class HFOracle:
     """A transformers model (bf16, sdpa) with the same random weights the engine loads from disk."""
 

@@ -3,7 +3,20 @@
 ``nixl_cu12`` (the ``pd`` extra, CPU) or ``nixl_cu13`` (the GPU machine's build) provide the same
 API. Keep ``tcp`` in ``UCX_TLS``: with shared memory alone UCX has no peer-failure handler, and a
 dead peer must give ``NIXL_ERR_REMOTE_DISCONNECT`` at once. The progress thread stays on (without
-it WRITEs stall). VRAM pools refuse to start if ``UCX_TLS`` leaves them no CUDA lane, and the first large
+it WRITEs stall).
+
+A WRITE costs per descriptor: NIXL posts one ``ucp_put_nbx`` each, and UCX's ``cuda_ipc`` turns each into
+its own ``cuMemcpyDtoDAsync`` + ``cuEventRecord`` (UCX ``src/uct/cuda/cuda_ipc/cuda_ipc_ep.c``): ~10 us apiece
+on the H200, so 7,680 scattered 64 KiB pages crawl at 5.8 GB/s. Two NIXL switches attack that cost without
+touching the pool's layout, both per agent (``NixlTransport(sgl=..., threads=...)``):
+
+- ``sgl``: NIXL's scatter-gather WRITE (``NIXL_UCX_SGL_ENABLE``, ai-dynamo/nixl#1835, off by NIXL's default):
+  the whole list in one ``ucp_put_nbx`` with ``ucp_dt_make_sgl()``, which UCX 1.23 (bundled with NIXL
+  1.5.1) hands ``cuda_ipc`` as one ``cuMemcpyBatchAsync`` (built for CUDA 13; elsewhere UCX emulates it).
+- ``threads``: the UCX backend's ``num_threads`` thread pool (vLLM's NixlConnector uses 4): a WRITE of
+  ``split_batch_size`` (1,024) descriptors or more is split across that many dedicated UCX workers.
+
+``scripts/bench_disagg.py --transfer-only`` measures each against the default. VRAM pools refuse to start if ``UCX_TLS`` leaves them no CUDA lane, and the first large
 WRITE to each peer is timed and logged (an error if VRAM crawls through the host: vLLM #52607, 0.5 GB/s).
 """
 
@@ -23,6 +36,9 @@ from conveyor.runtime.engine.executor import KVRegion
 log = structlog.get_logger("conveyor.disagg")
 
 LANE_PROBE_BYTES = 16 << 20  # a WRITE this large shows the lane's bandwidth, not its latency
+# ... when its descriptors are this large on average: thousands of small pages are bound by the
+# per-descriptor cost (~5-13 us on cuda_ipc), which no lane setting changes.
+LANE_PROBE_DESC_BYTES = 256 << 10
 VRAM_MIN_GBS = 20.0  # TCP emulation measured 0.5 GB/s on the H200; cuda_ipc 1180 GB/s
 _CUDA_TLS = ("cuda_ipc", "cuda_copy", "rc", "dc", "ud", "gdr_copy")  # UCX lanes that move VRAM without the host
 
@@ -50,13 +66,40 @@ def ucx_lane(mem: str) -> str:
     return tls
 
 
+SGL_ENV = "NIXL_UCX_SGL_ENABLE"  # NIXL reads it when the UCX backend is created
+# On: measured on the H200 (bench_disagg --transfer-only, byte-exact), a 16 MiB request's 30
+# descriptors went 45 -> 108 GB/s and 7,680 scattered pages 4.8 -> 14.4 GB/s. NIXL's default is off.
+SGL_DEFAULT = True
+
+
+def sgl_wanted(sgl: bool | None) -> bool:
+    """Whether this agent takes the scatter-gather WRITE: ``sgl`` if given, else the environment's
+    ``NIXL_UCX_SGL_ENABLE`` (NIXL's own switch, honoured as NIXL parses it), else ``SGL_DEFAULT``."""
+    if sgl is not None:
+        return sgl
+    env = os.environ.get(SGL_ENV)
+    if env is None:
+        return SGL_DEFAULT
+    return env.strip().lower() in ("y", "yes", "on", "1", "true", "enable")
+
+
 class NixlTransport:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, sgl: bool | None = None, threads: int = 0) -> None:
         nixl = _nixl()
         self._module = nixl.__name__
         self.name = name
-        cfg = nixl.nixl_agent_config(enable_prog_thread=True, backends=["UCX"])
-        self.agent = nixl.nixl_agent(name, cfg)
+        self.sgl = sgl_wanted(sgl)
+        self.threads = threads
+        cfg = nixl.nixl_agent_config(enable_prog_thread=True, backends=["UCX"], num_threads=threads)
+        before = os.environ.get(SGL_ENV)
+        os.environ[SGL_ENV] = "1" if self.sgl else "0"  # read once, by the UCX backend this agent creates
+        try:
+            self.agent = nixl.nixl_agent(name, cfg)
+        finally:
+            if before is None:
+                del os.environ[SGL_ENV]
+            else:
+                os.environ[SGL_ENV] = before
         if "UCX" not in self.agent.backends:
             raise TransportError("NIXL has no UCX backend on this machine")
         self._regions: list[KVRegion] = []
@@ -71,13 +114,13 @@ class NixlTransport:
         self._regions.append(region)
         self._mem = region.mem
         log.info("kv transport ready", transport="nixl", module=self._module, agent=self.name, mem=region.mem,
-                 pool_mib=round(region.nbytes / 2**20, 1), ucx_tls=lane)
+                 pool_mib=round(region.nbytes / 2**20, 1), ucx_tls=lane, sgl=self.sgl, threads=self.threads)
 
-    def _timed(self, handle: Any, peer: str, nbytes: int, t0: float) -> None:
+    def _timed(self, handle: Any, peer: str, nbytes: int, ndescs: int, t0: float) -> None:
         """The lane as a number: the first WRITE of LANE_PROBE_BYTES or more to each peer is timed. A
         self-test at start cannot stand in for it: UCX serves a transfer to the same process by other
         lanes (on the H200, 0.4 GB/s to itself against 1,180 GB/s over cuda_ipc to another process)."""
-        if nbytes >= LANE_PROBE_BYTES and peer not in self._lane_gbs:
+        if nbytes >= LANE_PROBE_BYTES and nbytes >= ndescs * LANE_PROBE_DESC_BYTES and peer not in self._lane_gbs:
             self._probes[id(handle)] = (peer, nbytes, t0)
 
     def _probe_done(self, handle: Any) -> None:
@@ -127,7 +170,7 @@ class NixlTransport:
         if state == "ERR":
             self.cancel(handle)
             raise TransportError(f"NIXL WRITE to {peer} failed at post")
-        self._timed(handle, peer, sum(d[1] for d in local), t0)
+        self._timed(handle, peer, sum(d[1] for d in local), len(local), t0)
         return handle
 
     def poll(self, handle: Any) -> XferState:

@@ -17,6 +17,7 @@ arrived. It is polled at the top of every step, on this thread: every transport 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from collections import deque
@@ -378,6 +379,7 @@ class EngineCore:
         if self._predictor_path is not None:
             assert self.scheduler.policy.predictor is not None
             save_predictor(self.scheduler.policy.predictor, self._predictor_path)
+        gc.unfreeze()  # build_engine froze the heap with this engine in it: let its cycles go
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -64,7 +64,8 @@ class Worker:
         self.model = load_model(source, self.dtype, self.device, config.seed, tp)
         self.model_config = mcfg = self.model.config  # a rank's shard has its local head counts
         self.model.init_kernels(max_model_len + 1,
-                                linear_tile=BATCH_INVARIANT_TILE if config.batch_invariant else None)
+                                linear_tile=BATCH_INVARIANT_TILE if config.batch_invariant else None,
+                                fused=config.fused_kernels and not config.enforce_eager and not config.batch_invariant)
         self.model.output_vocab = output_vocab
 
         backend = self._make_attention_backend()
