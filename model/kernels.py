@@ -8,13 +8,13 @@ The decoder calls these methods and nothing else, so the same model code runs bo
 from __future__ import annotations
 
 import os
-from typing import Any
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from conveyor.model.config import RopeConfig
-from conveyor.model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_inv_freq, silu_and_mul
+from conveyor.model.ops import RotaryEmbedding, fixed_tile_linear, rms_norm, rope_cos_sin_cache, silu_and_mul
 
 
 class _Composed:
@@ -88,8 +88,8 @@ class FlashInferKernels(_Composed):
     """FlashInfer's fused norm, RoPE and activation kernels (the ones in the sm90 kit); cuBLAS GEMMs.
 
     ``fused``: steps of up to ``triton_kernels.MAX_ROWS`` rows run model/triton_kernels.py instead,
-    where it covers the shape. Only with CUDA graphs: eagerly, each Triton launch costs more host
-    time than the kernel saves.
+    where it covers the shape. The worker turns it off with ``enforce_eager``: launched eagerly, a
+    Triton kernel costs more host time than it saves (inside graphs it costs none).
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str,
@@ -102,11 +102,9 @@ class FlashInferKernels(_Composed):
 
         self._fi = flashinfer
         self.head_dim = head_dim
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
-        # [max_pos, head_dim] fp32: cos of each frequency, then sin (FlashInfer's cos_sin_cache layout).
-        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device).contiguous()
+        self.cos_sin = rope_cos_sin_cache(rope, head_dim, max_positions).to(device)
 
-    def _small(self, x: torch.Tensor) -> Any:
+    def _small(self, x: torch.Tensor) -> ModuleType | None:
         """The Triton kernels when this step is small enough for them, else None."""
         return self._triton if self._triton is not None and x.shape[0] <= self._triton.MAX_ROWS else None
 
@@ -157,7 +155,7 @@ class FlashInferKernels(_Composed):
         return self._fi.silu_and_mul(x)
 
 
-def _triton_kernels() -> Any:
+def _triton_kernels() -> ModuleType | None:
     """model.triton_kernels, or None where Triton is not installed (it comes with CUDA torch)."""
     try:
         from conveyor.model import triton_kernels

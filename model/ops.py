@@ -54,6 +54,13 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
+def rope_cos_sin_cache(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: each position's cos of every frequency, then its sin (the
+    ``cos_sin_cache`` layout of FlashInfer's RoPE and of model/triton_kernels.py)."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
+
+
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     old_len = rope.original_max_position_embeddings
     low_wavelen = old_len / rope.low_freq_factor

@@ -1,9 +1,9 @@
 """Triton kernels for small-batch decode on CUDA: skinny GEMMs and the fusions around them.
 
-At a few rows per step every projection is a weight read, and cuBLAS's tiles for M <= 64 reach
-about a third of the memory bandwidth on these shapes; between the GEMMs the step is a chain of
-microsecond kernels. These kernels read each weight once with enough CTAs in flight to fill the
-GPU, and fold the small steps into their neighbours:
+At a few rows per step every projection is a weight read that cuBLAS's tiles for small M leave
+far from the memory bandwidth, and between the GEMMs the step is a chain of microsecond kernels.
+These kernels read each weight once with about a CTA per SM, and fold the small steps into their
+neighbours:
 
 - ``skinny_linear``: ``x @ w.T (+ b)`` for M <= ``MAX_ROWS``, optionally ``silu(gate) * up`` applied
   to x as it is loaded (the MLP's activation folded into the down projection);
@@ -43,7 +43,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _largest_dividing(total: int, options: tuple[int, ...]) -> int | None:
+def _first_dividing(total: int, options: tuple[int, ...]) -> int | None:  # options in order of preference
     return next((o for o in options if total % o == 0), None)
 
 
@@ -58,20 +58,20 @@ def plan_gemm(m: int, n: int, k: int, split: bool, sm_count: int) -> GemmPlan | 
     block_m = max(16, triton.next_power_of_2(m))
     if not split:
         block_n = next((b for b in (64, 32) if n % b == 0 and n // b >= sm_count // 2), 16)
-        block_k = _largest_dividing(k, (128, 256, 64, 32))
+        block_k = _first_dividing(k, (128, 256, 64, 32))
         return GemmPlan(block_m, block_n, block_k, 1) if block_k else None
     block_n = next(b for b in (64, 32, 16) if n % b == 0)
     splits = 1  # a power of two (the reduction loads them as one block), at most 8
     while (n // block_n) * splits < sm_count * 9 // 10 and splits < 8 and k % (2 * splits * 32) == 0:
         splits *= 2
-    block_k = _largest_dividing(k // splits, (128, 256, 64, 32))
+    block_k = _first_dividing(k // splits, (128, 256, 64, 32))
     return GemmPlan(block_m, block_n, block_k, splits) if block_k else None
 
 
 # The row count is not specialised on: a step with a new count (an eager call outside the graphs)
 # must not stop to compile a variant.
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, stride_xm, stride_wn, stride_om, stride_os, half_k,
+def _gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, stride_xm, stride_wn, stride_om, stride_os, up_offset,
                  K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -87,7 +87,7 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, stride_xm, stride_wn, stride_o
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k + rk)[None, :]
         if SILU_MUL:  # x is [M, 2K]: gate then up; the product is rounded as silu_and_mul stores it
             gate = tl.load(x_ptrs, mask=rows, other=0.0).to(tl.float32)
-            up = tl.load(x_ptrs + half_k, mask=rows, other=0.0).to(tl.float32)
+            up = tl.load(x_ptrs + up_offset, mask=rows, other=0.0).to(tl.float32)
             a = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
         else:
             a = tl.load(x_ptrs, mask=rows, other=0.0)
@@ -157,17 +157,20 @@ def _launch_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         SILU_MUL=silu_mul, HAS_BIAS=bias is not None, num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
-def _plan(x: torch.Tensor, weight: torch.Tensor, split: bool) -> GemmPlan | None:
-    if x.dtype != weight.dtype or x.stride(-1) != 1 or weight.stride(-1) != 1:
+def _plan(x: torch.Tensor, weight: torch.Tensor, split: bool, silu_mul: bool) -> GemmPlan | None:
+    # 16-bit only: tl.dot would take fp32 inputs as TF32, where F.linear keeps full fp32.
+    if weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
         return None
     n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != (2 * k if silu_mul else k) or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return None
     return plan_gemm(x.shape[0], n, k, split, _sm_count(x.device.index or 0))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   silu_mul: bool = False, plan: GemmPlan | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` (of ``silu(gate) * up`` for ``silu_mul``, x = [gate | up])."""
-    plan = plan or _plan(x, weight, split=False)
+    plan = plan or _plan(x, weight, split=False, silu_mul=silu_mul)
     if plan is None or plan.splits != 1:
         return None
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
@@ -179,9 +182,9 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
                         eps: float, silu_mul: bool = False,
                         plan: GemmPlan | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``h = x @ weight.T; residual += h; (rms_norm(residual) * norm_weight, residual)``, residual in place."""
-    plan = plan or _plan(x, weight, split=True)
+    plan = plan or _plan(x, weight, split=True, silu_mul=silu_mul)
     n = weight.shape[0]
-    if plan is None or residual.stride(-1) != 1 or residual.shape[-1] != n:
+    if plan is None or residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.stride(-1) != 1:
         return None
     m = x.shape[0]
     partial = torch.empty((plan.splits, m, n), dtype=torch.float32, device=x.device)

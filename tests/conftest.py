@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU, Triton kernels run under its CPU interpreter (tests/test_triton_kernels.py). The
-# flag is read as triton is imported, so it is set here, before any test module imports it.
+# Without a GPU, Triton kernels run under its CPU interpreter (tests/test_triton_kernels.py). Triton
+# reads the flag as each @triton.jit runs, so it is set before model.triton_kernels can be imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -27,7 +27,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.runtime.router import PolicyConfig, RouterSettings, build_router_app
 from conveyor.runtime.router.keys import routing_key
-from conveyor.runtime.router.launcher import free_port, parse_launch, plan_children
+from conveyor.runtime.router.launcher import (
+    ChildSpec,
+    Launcher,
+    assign_gpus,
+    free_port,
+    parse_launch,
+    plan_children,
+    tensor_parallel_size,
+    visible_gpus,
+)
 from conveyor.runtime.router.policy import CacheAwarePolicy
 from conveyor.runtime.router.prefix_tree import PrefixTree
 from conveyor.runtime.router.workers import Worker
@@ -97,6 +106,31 @@ def test_launch_plans() -> None:
     assert specs[0].argv[1:5] == ["-m", "conveyor", "serve", "--host"] and "--role" not in specs[0].argv
     assert specs[1].argv[-6:] == ["--role", "prefill", "--model", "m", "--device", "cpu"]
     assert specs[0].port != specs[1].port
+
+
+def test_launched_workers_get_their_own_gpus_when_there_are_enough(monkeypatch) -> None:
+    assert tensor_parallel_size(["--model", "m"]) == 1
+    assert tensor_parallel_size(["-tp", "2"]) == tensor_parallel_size(["--tensor-parallel-size=2"]) == 2
+    assert assign_gpus(2, 1, ["0", "1"]) == ["0", "1"]
+    assert assign_gpus(2, 2, ["4", "5", "6", "7"]) == ["4,5", "6,7"]  # a TP=2 worker: two consecutive GPUs
+    assert assign_gpus(2, 1, ["0"]) == [None, None]  # one GPU for 1p1d: they share it
+    assert assign_gpus(2, 1, []) == [None, None]  # no GPU (CPU workers)
+    specs = plan_children(["prefill", "decode"], ["--model", "m", "-tp", "2"], ["0", "1", "2", "3"])
+    assert [s.gpus for s in specs] == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+
+
+async def test_a_launched_child_runs_with_its_gpu_share(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    script = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))"
+    launcher = Launcher([ChildSpec("both", free_port(), [sys.executable, "-c", script], "7")], stop_timeout=10)
+    await launcher.start()
+    rc = await asyncio.wait_for(next(iter(launcher.procs.values())).wait(), 30)
+    await launcher.stop()
+    assert rc == 0 and seen.read_text() == "7"
 
 
 def test_settings_refuse_mixed_and_half_pd() -> None:

@@ -18,7 +18,7 @@ if torch.cuda.is_available():  # compiled, in bf16: tests/test_gpu.py
 from conveyor.model import triton_kernels  # noqa: E402
 from conveyor.model.config import RopeConfig  # noqa: E402
 from conveyor.model.kernels import TorchKernels  # noqa: E402
-from conveyor.model.ops import rope_inv_freq  # noqa: E402
+from conveyor.model.ops import rope_cos_sin_cache  # noqa: E402
 
 DT = torch.float16
 
@@ -66,8 +66,7 @@ def test_qk_norm_rope_matches_the_reference(tk, heads, kv_heads, head_dim):
     torch.manual_seed(head_dim)
     rope = RopeConfig(theta=1e4)
     ref = TorchKernels(rope, head_dim, 64, "cpu")
-    freqs = torch.outer(torch.arange(64, dtype=torch.float32), rope_inv_freq(rope, head_dim))
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()  # FlashInferKernels' table
+    cos_sin = rope_cos_sin_cache(rope, head_dim, 64)  # FlashInferKernels' table
     qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim, dtype=DT)
     positions = torch.tensor([0, 5, 63], dtype=torch.int32)
     wq, wk = torch.rand(head_dim, dtype=DT) + 0.5, torch.rand(head_dim, dtype=DT) + 0.5

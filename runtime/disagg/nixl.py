@@ -6,18 +6,19 @@ dead peer must give ``NIXL_ERR_REMOTE_DISCONNECT`` at once. The progress thread 
 it WRITEs stall).
 
 A WRITE costs per descriptor: NIXL posts one ``ucp_put_nbx`` each, and UCX's ``cuda_ipc`` turns each into
-its own ``cuMemcpyDtoDAsync`` + ``cuEventRecord`` (UCX ``src/uct/cuda/cuda_ipc/cuda_ipc_ep.c``): ~10 us apiece
-on the H200, so 7,680 scattered 64 KiB pages crawl at 5.8 GB/s. Two NIXL switches attack that cost without
-touching the pool's layout, both per agent (``NixlTransport(sgl=..., threads=...)``):
+its own ``cuMemcpyDtoDAsync`` + ``cuEventRecord`` (UCX ``src/uct/cuda/cuda_ipc/cuda_ipc_ep.c``), so many small
+pages move far below the lane's bandwidth. Two NIXL switches attack that cost without touching the pool's
+layout, both per agent (``NixlTransport(sgl=..., threads=...)``):
 
-- ``sgl``: NIXL's scatter-gather WRITE (``NIXL_UCX_SGL_ENABLE``, ai-dynamo/nixl#1835, off by NIXL's default):
-  the whole list in one ``ucp_put_nbx`` with ``ucp_dt_make_sgl()``, which UCX 1.23 (bundled with NIXL
-  1.5.1) hands ``cuda_ipc`` as one ``cuMemcpyBatchAsync`` (built for CUDA 13; elsewhere UCX emulates it).
+- ``sgl`` (on by default here, off by NIXL's): NIXL's scatter-gather WRITE (``NIXL_UCX_SGL_ENABLE``): the
+  whole list in one ``ucp_put_nbx`` with ``ucp_dt_make_sgl()``, which UCX 1.23 (bundled with NIXL 1.5.1)
+  hands ``cuda_ipc`` as one ``cuMemcpyBatchAsync`` (built for CUDA 13; elsewhere UCX emulates it).
 - ``threads``: the UCX backend's ``num_threads`` thread pool (vLLM's NixlConnector uses 4): a WRITE of
   ``split_batch_size`` (1,024) descriptors or more is split across that many dedicated UCX workers.
 
-``scripts/bench_disagg.py --transfer-only`` measures each against the default. VRAM pools refuse to start if ``UCX_TLS`` leaves them no CUDA lane, and the first large
-WRITE to each peer is timed and logged (an error if VRAM crawls through the host: vLLM #52607, 0.5 GB/s).
+``scripts/bench_disagg.py --transfer-only`` measures each (the README has the H200's numbers). VRAM pools
+refuse to start if ``UCX_TLS`` leaves them no CUDA lane, and the first large WRITE to each peer is timed
+and logged (an error if VRAM crawls through the host: vLLM #52607).
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def ucx_lane(mem: str) -> str:
 
 
 SGL_ENV = "NIXL_UCX_SGL_ENABLE"  # NIXL reads it when the UCX backend is created
-# On: measured on the H200 (bench_disagg --transfer-only, byte-exact), a 16 MiB request's 30
-# descriptors went 45 -> 108 GB/s and 7,680 scattered pages 4.8 -> 14.4 GB/s. NIXL's default is off.
+# On: faster on the H200 for every case bench_disagg --transfer-only measures, byte for byte the same.
 SGL_DEFAULT = True
 
 
@@ -117,9 +117,9 @@ class NixlTransport:
                  pool_mib=round(region.nbytes / 2**20, 1), ucx_tls=lane, sgl=self.sgl, threads=self.threads)
 
     def _timed(self, handle: Any, peer: str, nbytes: int, ndescs: int, t0: float) -> None:
-        """The lane as a number: the first WRITE of LANE_PROBE_BYTES or more to each peer is timed. A
-        self-test at start cannot stand in for it: UCX serves a transfer to the same process by other
-        lanes (on the H200, 0.4 GB/s to itself against 1,180 GB/s over cuda_ipc to another process)."""
+        """The lane as a number: the first WRITE to each peer of LANE_PROBE_BYTES or more, in descriptors
+        of LANE_PROBE_DESC_BYTES or more on average, is timed. A self-test at start cannot stand in for
+        it: UCX serves a transfer to the same process by other lanes (0.4 GB/s to itself on the H200)."""
         if nbytes >= LANE_PROBE_BYTES and nbytes >= ndescs * LANE_PROBE_DESC_BYTES and peer not in self._lane_gbs:
             self._probes[id(handle)] = (peer, nbytes, t0)
 

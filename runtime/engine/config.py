@@ -47,8 +47,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     # A request's tokens do not depend on what shares its batches: fixed-tile GEMMs and one unsplit
     # attention kernel for every row. Slower; for reproducible outputs and tests.
     batch_invariant: bool = False
-    # CUDA, with graphs: steps of up to 64 rows use model/triton_kernels.py (skinny GEMMs, fused
-    # norms and RoPE) in place of cuBLAS and FlashInfer's separate kernels. Off under batch_invariant.
+    # CUDA, unless enforce_eager: steps of up to 16 rows use model/triton_kernels.py (skinny GEMMs,
+    # fused norms and RoPE) in place of cuBLAS and FlashInfer's separate kernels. Off under batch_invariant.
     fused_kernels: bool = True
     pipeline_depth: int = 2  # batches in flight: 1 = no overlap (the baseline), 2 or 3 = overlap
     # Ranks the model is split across (Megatron tensor parallelism, one process per rank; rank 0 is

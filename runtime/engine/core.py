@@ -369,17 +369,19 @@ class EngineCore:
         ))
 
     def close(self) -> None:
-        while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
-            self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
-            with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
-                self.executor.wait(self._in_flight.popleft().launched)
-        if self.disagg is not None:  # before the pool goes: no transfer may still land in it
-            self.disagg.close()
-        self.executor.close()
-        if self._predictor_path is not None:
-            assert self.scheduler.policy.predictor is not None
-            save_predictor(self.scheduler.policy.predictor, self._predictor_path)
-        gc.unfreeze()  # build_engine froze the heap with this engine in it: let its cycles go
+        try:
+            while self._in_flight:  # drain, so no batch is left reading memory we are about to drop
+                self._fill_grammar_masks()  # unprocessed rows get an allow-all mask; nobody reads them
+                with contextlib.suppress(EngineFatalError):  # a dead device (a TP rank): nothing left to drain
+                    self.executor.wait(self._in_flight.popleft().launched)
+            if self.disagg is not None:  # before the pool goes: no transfer may still land in it
+                self.disagg.close()
+            self.executor.close()
+            if self._predictor_path is not None:
+                assert self.scheduler.policy.predictor is not None
+                save_predictor(self.scheduler.policy.predictor, self._predictor_path)
+        finally:
+            gc.unfreeze()  # build_engine froze the heap with this engine in it: let its cycles go
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from conveyor.runtime.engine_args import parse_bytes
 from conveyor.runtime.logging import LEVELS, configure_logging
 from conveyor.runtime.router.config import RouterSettings
-from conveyor.runtime.router.launcher import parse_launch, plan_children
+from conveyor.runtime.router.launcher import parse_launch, plan_children, visible_gpus
 from conveyor.runtime.router.policy import PolicyConfig
 from conveyor.runtime.router.serve import LaunchPlan, run_router
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the workers here as child processes: N replicas, or X prefill + Y decode (1p1d); "
                    "flags the router does not know (--device, --gpu-memory-utilization, ...) go to every worker")
     g.add_argument("--model", default="default", help="with --launch: the workers' --model (default: default)")
+    g.add_argument("--worker-gpus", default="auto", metavar="auto|share|ID,...",
+                   help="with --launch: auto gives each worker its own GPUs (tensor_parallel_size of them) when "
+                   "there are enough of the visible ones, else they share; share: every worker sees every GPU; "
+                   "a list: the GPU ids to split among the workers (default: auto)")
     g.add_argument("--launch-timeout", type=float, default=600.0,
                    help="seconds launched workers get to answer /health (default: 600; the first start downloads)")
     g.add_argument("--worker-stop-timeout", type=float, default=40.0,
@@ -80,7 +84,8 @@ def main(argv: Sequence[str], default_log_level: str | None = None) -> int:
         if args.launch is not None:
             if workers or prefill or decode:
                 raise ValueError("--launch starts its own workers; leave out --worker/--prefill/--decode")
-            children = plan_children(parse_launch(args.launch), ["--model", args.model, *rest])
+            gpus = {"auto": visible_gpus, "share": list}.get(args.worker_gpus, lambda: _csv(args.worker_gpus))()
+            children = plan_children(parse_launch(args.launch), ["--model", args.model, *rest], gpus)
             launch = LaunchPlan(children=tuple(children), ready_timeout=args.launch_timeout,
                                 stop_timeout=args.worker_stop_timeout)
             workers = [c.url for c in children if c.role == "both"]

@@ -5,6 +5,10 @@ in its own session (a terminal's Ctrl-C reaches the router alone, which stops th
 order) with PR_SET_PDEATHSIG on Linux, so a router killed by SIGKILL still takes its children with
 it. A child that exits on its own is logged and its worker reported unhealthy for good; stopping
 sends SIGTERM (the workers drain), then SIGKILL after ``stop_timeout``. No orphans.
+
+GPUs: with enough of them, each child gets its own (``tensor_parallel_size`` of them, consecutive)
+through ``CUDA_VISIBLE_DEVICES``, as vLLM's and SGLang's one-node PD recipes do (UCX's cuda_ipc
+reaches a peer GPU the variable hides); with fewer, the children share what they see.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -31,6 +37,7 @@ class ChildSpec(NamedTuple):
     role: Role
     port: int
     argv: list[str]
+    gpus: str | None = None  # its CUDA_VISIBLE_DEVICES; None: inherit the router's
 
     @property
     def url(self) -> str:
@@ -53,15 +60,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan_children(roles: Sequence[Role], engine_args: Sequence[str]) -> list[ChildSpec]:
+def visible_gpus() -> list[str]:
+    """The GPUs children can be given: ``CUDA_VISIBLE_DEVICES``'s entries when it is set, else the
+    indices nvidia-smi lists (none on a machine without it)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in (x.strip() for x in env.split(",")) if d]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
+
+
+def tensor_parallel_size(engine_args: Sequence[str]) -> int:
+    """The workers' ranks per process, as ``conveyor serve`` would read it from these flags."""
+    size = 1
+    args = list(engine_args)
+    for i, a in enumerate(args):
+        if a in ("--tensor-parallel-size", "-tp") and i + 1 < len(args) and args[i + 1].isdigit():
+            size = int(args[i + 1])
+        elif a.startswith("--tensor-parallel-size=") and a.partition("=")[2].isdigit():
+            size = int(a.partition("=")[2])
+    return size
+
+
+def assign_gpus(children: int, per_child: int, gpus: Sequence[str]) -> list[str | None]:
+    """Each child's CUDA_VISIBLE_DEVICES: its own ``per_child`` GPUs when there are enough for all,
+    else None for every child (they share what the router sees: one GPU serving 1p1d, say)."""
+    if len(gpus) < children * per_child:
+        return [None] * children
+    return [",".join(gpus[i * per_child:(i + 1) * per_child]) for i in range(children)]
+
+
+def plan_children(roles: Sequence[Role], engine_args: Sequence[str],
+                  gpus: Sequence[str] = ()) -> list[ChildSpec]:
+    """``gpus``: the GPU ids to split among the children (``visible_gpus()`` for all of them; empty: share)."""
     specs = []
-    for role in roles:
+    shares = assign_gpus(len(roles), tensor_parallel_size(engine_args), gpus)
+    for role, share in zip(roles, shares):
         port = free_port()
         # --role only where it is not the default: a `both` worker runs on any serve, with or without roles.
         role_args = ["--role", role] if role != "both" else []
         argv = [sys.executable, "-m", "conveyor", "serve", "--host", "127.0.0.1", "--port", str(port), *role_args,
                 *engine_args]
-        specs.append(ChildSpec(role, port, argv))
+        specs.append(ChildSpec(role, port, argv, share))
     return specs
 
 
@@ -88,11 +135,13 @@ class Launcher:
     async def start(self) -> None:
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         for spec in self.specs:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if spec.gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = spec.gpus
             proc = await asyncio.create_subprocess_exec(*spec.argv, start_new_session=True, preexec_fn=preexec,
-                                                        stdin=asyncio.subprocess.DEVNULL,
-                                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                        stdin=asyncio.subprocess.DEVNULL, env=env)
             self.procs[spec.port] = proc
-            log.info("worker started", role=spec.role, url=spec.url, pid=proc.pid)
+            log.info("worker started", role=spec.role, url=spec.url, pid=proc.pid, gpus=spec.gpus or "shared")
             self._watchers.append(asyncio.create_task(self._watch(spec, proc)))
 
     async def _watch(self, spec: ChildSpec, proc: asyncio.subprocess.Process) -> None:

@@ -96,11 +96,13 @@ class PiecewiseGraphs:
         positions.zero_()
         pool = torch.cuda.graph_pool_handle()
         mode = capture_error_mode(self.model)
+        # Warm-up outside capture loads modules and picks GEMMs: at the largest size, and at the
+        # smallest, where a small step's kernels (model/triton_kernels.py) compile before any capture.
+        for n in {self.sizes[-1], self.sizes[0]}:
+            for i in range(self.num_layers + 1):
+                self._piece(i, n, slots, positions)
+        torch.cuda.synchronize()
         for n in reversed(self.sizes):  # largest first: the smaller pieces fit in what it freed
-            if n == self.sizes[-1]:
-                for i in range(self.num_layers + 1):  # warm-up outside capture: loads modules, picks GEMMs
-                    self._piece(i, n, slots, positions)
-                torch.cuda.synchronize()
             graphs = []
             for i in range(self.num_layers + 1):
                 graph = torch.cuda.CUDAGraph()

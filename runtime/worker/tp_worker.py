@@ -12,6 +12,7 @@ Run as ``python -m conveyor.runtime.worker.tp_worker SPEC_JSON`` (rank 0 does th
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                           spec.ring_slot_bytes)
         log.info("tensor-parallel rank ready", rank=spec.rank, device=str(worker.device),
                  kv_pages=worker.kv_layout.num_pages)
+        gc.collect()  # as build_engine does for rank 0: a collector pause on any rank stalls them all
+        gc.freeze()
         serve(worker, ring, lambda: os.getppid() == spec.parent_pid)
         ring.close()
     except Exception:
