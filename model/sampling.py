@@ -54,9 +54,14 @@ class SamplingBatch:
         penalties: "Penalties | None" = None,
         max_logprobs: int | None = None,
     ) -> "SamplingBatch":
+        all_greedy = all(t == 0 for t in temperature)
+        # An all-greedy batch samples by argmax alone and never reads these rows on the device: they
+        # stay on the host, sparing the step four pinned allocations and copies.
+        on_host = all_greedy or torch.device(device).type == "cpu"
+
         def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
             t = torch.tensor(values, dtype=dtype)
-            return t if torch.device(device).type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+            return t if on_host else t.pin_memory().to(device, non_blocking=True)
 
         return cls(
             temperature=dev(temperature, torch.float32),
@@ -65,7 +70,7 @@ class SamplingBatch:
             min_p=dev(min_p, torch.float32),
             seeds=seeds,
             steps=steps,
-            all_greedy=all(t == 0 for t in temperature),
+            all_greedy=all_greedy,
             any_top_k_top_p=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
             any_min_p=any(m > 0 for m in min_p),
             penalties=penalties,

@@ -25,6 +25,14 @@ def test_greedy_is_argmax():
     assert sample(LOGITS, batch(1, temperature=0.0)).tolist() == [0]
 
 
+def test_an_all_greedy_batch_keeps_its_rows_on_the_host():
+    """Argmax needs none of them: a greedy batch built for a GPU copies nothing there (on this CPU-only
+    machine a copy to "cuda" would raise)."""
+    b = SamplingBatch.build([0.0, 0.0], [0, 5], [1.0, 0.9], [0.0, 0.0], [None, None], [0, 0], device="cuda")
+    assert b.all_greedy and {t.device.type for t in (b.temperature, b.top_k, b.top_p, b.min_p)} == {"cpu"}
+    assert sample(LOGITS.repeat(2, 1), b).tolist() == [0, 0]
+
+
 def test_plain_sampling_follows_the_distribution():
     counts = torch.bincount(draws(LOGITS, batch(1)).flatten(), minlength=4).float() / 2000
     assert torch.allclose(counts, torch.tensor([0.5, 0.25, 0.15, 0.1]), atol=0.04)
