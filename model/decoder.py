@@ -50,9 +50,6 @@ class Attention(nn.Module):
             q, k = kernels.rope(q, k, positions)
         return q.contiguous(), k, v
 
-    def output(self, o: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return kernels.linear(o.reshape(o.shape[0], self.q_size), self.o_proj.weight)
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -123,7 +120,7 @@ class DecoderModel(nn.Module):
             return kernels.linear_add_rms_norm(gate_up, mlp.down_proj.weight, residual, norm.weight, norm.eps,
                                                silu_mul=True)
         # Row-parallel projections hold partial sums: all-reduced before the residual add.
-        h = self.tp.all_reduce(attn.output(o, kernels))
+        h = self.tp.all_reduce(kernels.linear(o, attn.o_proj.weight))
         h, residual = kernels.add_rms_norm(h, residual, post.weight, post.eps)
         h = self.tp.all_reduce(mlp(h, kernels))
         return kernels.add_rms_norm(h, residual, norm.weight, norm.eps)

@@ -20,14 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the conveyor checkout this script belongs to
 
-from conveyor.runtime.router.launcher import free_port  # noqa: E402
+from conveyor.runtime.tools.serve_process import ServeProcess  # noqa: E402
 
 ARMS = {"pd": "1p1d", "replicas": "2"}  # --launch specs with the same number of workers
 WORKLOADS = {"long": ("4096", "256"), "chat": ("256", "256")}
@@ -35,48 +33,23 @@ FIELDS = ("request_throughput", "request_goodput", "output_throughput", "median_
           "median_tpot_ms", "p99_tpot_ms", "completed", "failed")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Until the router's /health is 200 (it says 503 "loading" until every worker answers)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the router exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the router on {url} was not healthy in {timeout_s:.0f} s; its log: {log}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (OSError, urllib.error.HTTPError):
-            pass
-        time.sleep(0.5)
-
-
 def run_arm(name: str, spec: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkstemp(prefix=f"pd-goodput-{name}-", suffix=".log")[1])
-    router = [sys.executable, "-m", "conveyor", "router", "--launch", spec, "--port", str(port), "--model",
-              args.model, "--worker-gpus", args.worker_gpus, *args.engine_args.split()]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(router, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    router = ServeProcess(["--launch", spec, "--model", args.model, "--worker-gpus", args.worker_gpus,
+                           *args.engine_args.split()], log=log, command="router")
     result = out / f"{name}.json"
     try:
-        wait_healthy(url, proc, log, args.start_timeout)
+        # The router's /health says 503 "loading" until every worker it launched answers.
+        router.wait_healthy(time.monotonic() + args.start_timeout)
         input_len, output_len = WORKLOADS[args.workload]
-        loadgen = [sys.executable, "-m", "conveyor", "loadgen", "--base-url", url, "--no-progress", "--ignore-eos",
-                   "--input-len", args.input_len or input_len, "--output-len", args.output_len or output_len,
-                   "--num-prompts", str(args.num_prompts), "--num-warmups", "2", "--seed", "0",
-                   "--request-rate", args.rates, "--slo", args.slo, "--result-json", str(result),
+        loadgen = [sys.executable, "-m", "conveyor", "loadgen", "--base-url", router.url, "--no-progress",
+                   "--ignore-eos", "--input-len", args.input_len or input_len, "--output-len",
+                   args.output_len or output_len, "--num-prompts", str(args.num_prompts), "--num-warmups", "2",
+                   "--seed", "0", "--request-rate", args.rates, "--slo", args.slo, "--result-json", str(result),
                    *(["--tokenizer", args.tokenizer] if args.tokenizer else [])]
         subprocess.run(loadgen, cwd=ROOT, check=True, timeout=args.run_timeout, stdout=subprocess.DEVNULL)
     finally:
-        proc.terminate()  # the router drains and stops its workers
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
-            proc.wait(30)
+        router.stop(timeout_s=60)  # SIGTERM: the router drains and stops its workers; SIGKILL past 60 s
     files = [result] if result.exists() else sorted(out.glob(f"{name}-rate*.json"))
     rows = [json.loads(p.read_text()) for p in files]
     return sorted(rows, key=lambda r: float(r["request_rate"]))

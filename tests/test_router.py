@@ -128,8 +128,10 @@ async def test_a_launched_child_runs_with_its_gpu_share(tmp_path: Path) -> None:
     script = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))"
     launcher = Launcher([ChildSpec("both", free_port(), [sys.executable, "-c", script], "7")], stop_timeout=10)
     await launcher.start()
-    rc = await asyncio.wait_for(next(iter(launcher.procs.values())).wait(), 30)
-    await launcher.stop()
+    try:
+        rc = await asyncio.wait_for(next(iter(launcher.procs.values())).wait(), 30)
+    finally:
+        await launcher.stop()  # SIGTERM, then SIGKILL past stop_timeout: nothing outlives the test
     assert rc == 0 and seen.read_text() == "7"
 
 

@@ -90,11 +90,9 @@ class DecodeReceiver:
         self.rooms: dict[str, _Room] = {}  # by room id (the request id is the server's own)
         self.accepted_by: set[str] = set()  # P URLs that took a room: they have D's metadata
         self.stats = TransferStats()
-        c = region.compat
         self._peer = PeerInfo(metadata=transport.metadata(), addr=region.addr, layer_stride=region.layer_stride,
                               page_stride=region.page_stride, device_id=region.device_id, mem=region.mem,
-                              model=c.model, dtype=c.dtype, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
-                              head_dim=c.head_dim, page_size=c.page_size, layout=c.layout)
+                              **region.compat._asdict())
         channel.peer = self._peer
 
     def busy(self) -> bool:

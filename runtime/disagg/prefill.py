@@ -39,7 +39,7 @@ class IncompatiblePeer(ValueError):
 
 def check_compat(region: KVRegion, peer: PeerInfo) -> None:
     mine = region.compat
-    for name in ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "page_size", "layout"):
+    for name in mine._fields:  # PeerInfo carries every KVCompat field, flat
         if getattr(mine, name) != getattr(peer, name):
             raise IncompatiblePeer(f"peer.{name}: the decode worker has {getattr(peer, name)!r}, this prefill "
                                    f"worker {getattr(mine, name)!r}; both must serve the same model the same way")

@@ -1,5 +1,6 @@
-"""``conveyor serve`` as a child process, for tests and benchmarks: a free port on 127.0.0.1, a bounded
-wait for ``/health``, its log kept in a file (a full pipe would block the worker's logging), stopped by PID."""
+"""``conveyor serve`` (or ``conveyor router``) as a child process, for tests and benchmarks: a free port on
+127.0.0.1, a bounded wait for ``/health``, its log kept in a file (a full pipe would block the worker's
+logging), stopped by PID."""
 
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ ROOT = Path(conveyor.__file__).resolve().parent.parent
 
 
 class ServeProcess:
-    def __init__(self, args: Sequence[str], log: Path | None = None) -> None:
+    def __init__(self, args: Sequence[str], log: Path | None = None, command: str = "serve") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log or Path(tempfile.mkstemp(prefix="conveyor-serve-", suffix=".log")[1])
+        self.log_path = log or Path(tempfile.mkstemp(prefix=f"conveyor-{command}-", suffix=".log")[1])
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "serve", "--port", str(self.port), *args], cwd=ROOT,
+                [sys.executable, "-m", "conveyor", command, "--port", str(self.port), *args], cwd=ROOT,
                 stdout=subprocess.DEVNULL, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     @property
@@ -42,9 +43,9 @@ class ServeProcess:
         """Until ``/health`` answers 200; raises if the process exits or ``deadline`` (monotonic) passes."""
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"conveyor serve exited with code {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"{self.proc.args[3]} exited with code {self.proc.returncode}:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"conveyor serve on {self.url} not healthy in time:\n{self.tail()}")
+                raise RuntimeError(f"{self.proc.args[3]} on {self.url} not healthy in time:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:
