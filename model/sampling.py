@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: spreads (seed, step) pairs apart
@@ -26,7 +27,7 @@ class SamplingBatch:
     """
 
     temperature: torch.Tensor  # [B] fp32; 0 = greedy
-    top_k: torch.Tensor  # [B] int64; 0 = off
+    top_k: torch.Tensor  # [B] int32; 0 = off
     top_p: torch.Tensor  # [B] fp32; 1 = off
     min_p: torch.Tensor  # [B] fp32; 0 = off
     seeds: list[int | None]  # per row
@@ -55,19 +56,25 @@ class SamplingBatch:
         max_logprobs: int | None = None,
     ) -> "SamplingBatch":
         all_greedy = all(t == 0 for t in temperature)
-        # An all-greedy batch samples by argmax alone and never reads these rows on the device: they
-        # stay on the host, sparing the step four pinned allocations and copies.
-        on_host = all_greedy or torch.device(device).type == "cpu"
-
-        def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            return t if on_host else t.pin_memory().to(device, non_blocking=True)
-
+        b = len(temperature)
+        if all_greedy or torch.device(device).type == "cpu":
+            # An all-greedy batch samples by argmax alone and never reads these rows on the device:
+            # they stay on the host.
+            rows = torch.tensor([temperature, top_p, min_p], dtype=torch.float32)
+            k_row = torch.tensor(top_k, dtype=torch.int32)
+        else:
+            # One pinned buffer, one copy: top_k's int32 bits ride in the float32 buffer's last row.
+            host = torch.empty(4, b, dtype=torch.float32, pin_memory=True)
+            h = host.numpy()
+            h[0], h[1], h[2] = temperature, top_p, min_p
+            h[3].view(np.int32)[:] = top_k
+            packed = host.to(device, non_blocking=True)
+            rows, k_row = packed[:3], packed[3].view(torch.int32)
         return cls(
-            temperature=dev(temperature, torch.float32),
-            top_k=dev(top_k, torch.int64),
-            top_p=dev(top_p, torch.float32),
-            min_p=dev(min_p, torch.float32),
+            temperature=rows[0],
+            top_k=k_row,
+            top_p=rows[1],
+            min_p=rows[2],
             seeds=seeds,
             steps=steps,
             all_greedy=all_greedy,

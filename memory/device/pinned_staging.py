@@ -40,7 +40,14 @@ class PinnedStaging:
         return self.dev[start : start + (size if length is None else length)]
 
     def stage(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Copy arrays into their regions; returns device views of exactly the staged lengths."""
+        """Copy arrays into their regions; returns device views of exactly the staged lengths.
+
+        Written spans less than ``MERGE_GAP`` elements apart go in one copy: a copy costs the host
+        ~5-10 us to issue, while a few KiB more on the bus cost the device well under a microsecond.
+        """
+        for name, a in arrays.items():
+            if a.shape[0] > self.offsets[name][1]:
+                raise ValueError(f"staging region {name!r} holds {self.offsets[name][1]}, batch needs {a.shape[0]}")
         if self.on_cpu:
             # No device to copy to: fresh tensors per batch, so a batch in flight on the CPU worker
             # never sees the next batch's metadata.
@@ -52,16 +59,30 @@ class PinnedStaging:
         host = self._host[i]
         host_np = host.numpy()
         out: dict[str, torch.Tensor] = {}
+        spans: list[tuple[int, int]] = []
         for name, a in arrays.items():
-            start, size = self.offsets[name]
-            n = a.shape[0]
-            if n > size:
-                raise ValueError(f"staging region {name!r} holds {size}, batch needs {n}")
+            start, n = self.offsets[name][0], a.shape[0]
             host_np[start : start + n] = a
-            dst = self.dev[start : start + n]
-            dst.copy_(host[start : start + n], non_blocking=True)
-            out[name] = dst
+            out[name] = self.dev[start : start + n]
+            if n:
+                spans.append((start, start + n))
+        for lo, hi in merge_spans(spans, MERGE_GAP):
+            self.dev[lo:hi].copy_(host[lo:hi], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         self._events[i] = ev
         return out
+
+
+MERGE_GAP = 4096  # elements (16 KiB)
+
+
+def merge_spans(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """[lo, hi) spans, sorted and joined where less than ``gap`` apart."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo - merged[-1][1] < gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged

@@ -19,8 +19,9 @@ class AttentionMetadata:
     num_decodes: int
     query_start_loc_cpu: torch.Tensor  # [B+1] int32: sequence i's queries are tokens [qsl[i], qsl[i+1])
     kv_lens_cpu: torch.Tensor  # [B] int32: KV length of sequence i after this step's tokens are written
-    page_table: torch.Tensor  # [B, max_pages] int32, device; unused entries are page 0
-    slot_mapping: torch.Tensor  # [T] int64, device: page * page_size + offset where token t's KV goes
+    # What a backend with ``uses_page_table`` reads (None for the others):
+    page_table: torch.Tensor | None  # [B, max_pages] int32, device; unused entries are page 0
+    slot_mapping: torch.Tensor | None  # [T] int32, device: page * page_size + offset where token t's KV goes
     page_size: int
     # The same pages as CSR, the form FlashInfer plans from: sequence i reads pages
     # kv_indices[kv_indptr[i]:kv_indptr[i+1]], the last of them holding kv_last_page_len[i] tokens.
@@ -39,6 +40,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    uses_page_table: bool  # reads page_table / slot_mapping (else only the CSR page lists)
+
     def plan(self, meta: AttentionMetadata) -> None:
         """Called once per batch before the forward (FlashInfer builds its schedule here)."""
         ...

@@ -79,6 +79,8 @@ class PlanFence:
 
 
 class FlashInferAttention:
+    uses_page_table = False
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  device: torch.device, workspace: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
         import flashinfer

@@ -9,6 +9,8 @@ from conveyor.model.attention.backend import AttentionMetadata
 
 
 class TorchPagedAttention:
+    uses_page_table = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -24,22 +26,24 @@ class TorchPagedAttention:
             max_kv = int(meta.kv_lens_cpu[:nd].max())
             kv_pos = torch.arange(max_kv)
             mask = kv_pos[None, :] < meta.kv_lens_cpu[:nd, None]
-            self._decode_mask = mask[:, None, None, :].to(meta.page_table.device)
+            self._decode_mask = mask[:, None, None, :].to(meta.kv_indices.device)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        table = meta.page_table
+        assert table is not None and meta.slot_mapping is not None, "batch prepared for a backend without page tables"
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q) if out is None else out
         nd = meta.num_decodes
         qsl = meta.query_start_loc_cpu.tolist()
         kv_lens = meta.kv_lens_cpu.tolist()
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta.page_table[:nd], max(kv_lens[:nd]))
+            out[:nd] = self._decode(q[:nd], kv_cache, table[:nd], max(kv_lens[:nd]))
         for i in range(nd, meta.num_seqs):
             s, e = qsl[i], qsl[i + 1]
-            out[s:e] = self._prefill(q[s:e], kv_cache, meta.page_table[i], kv_lens[i])
+            out[s:e] = self._prefill(q[s:e], kv_cache, table[i], kv_lens[i])
         return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.Tensor, max_kv: int) -> torch.Tensor:

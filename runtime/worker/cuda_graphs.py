@@ -2,8 +2,10 @@
 
 A graph covers the token-pool gather, the whole forward and the logits; sampling stays eager (it
 depends on per-request settings). Its static inputs are views of fixed regions of the pinned
-staging buffer's device side, so preparing a batch is all it takes to feed the next replay.
-Padded rows read and write only the padding slot and the reserved KV page 0.
+staging buffer's device side, and so are its FlashInfer wrapper's page-list buffers: preparing a
+batch is all it takes to feed the next replay, and the plan before it (``fast_decode_plan``, as
+SGLang does) only schedules, copying nothing. Padded rows read and write only the padding slot
+and the reserved KV page 0.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class DecodeGraphs:
     def __init__(self, model: DecoderModel, kv_pool: KVPool, token_pool: TokenPool, staging: PinnedStaging,
                  max_batch: int, workspace: torch.Tensor, batch_invariant: bool = False) -> None:
         import flashinfer
+        from flashinfer.decode import fast_decode_plan
 
+        self._fast_plan = fast_decode_plan
         cfg = model.config
         self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_pool.page_size)
         self.sizes = capture_sizes(max_batch)
@@ -63,34 +67,30 @@ class DecodeGraphs:
         self.batch_invariant = batch_invariant
         tensor_cores = batch_invariant or decode_uses_tensor_cores(cfg.num_heads, cfg.num_kv_heads)
         self._graphs: dict[int, _Graph] = {}
-        device = kv_pool.data.device
         pool = torch.cuda.graph_pool_handle()
-        slots, positions = staging.region("token_slots"), staging.region("positions")
-        slot_mapping, kv_indices = staging.region("slot_mapping"), staging.region("kv_indices")
+        slots, positions = staging.region("decode_token_slots"), staging.region("decode_positions")
+        kv_indices, batch_indices = staging.region("kv_indices"), staging.region("decode_batch_indices")
         kv_indptr, last_len = staging.region("kv_indptr"), staging.region("kv_last_page_len")
-        batch_indices = staging.region("batch_indices")
         # Safe values for warm-up and capture: every row decodes position 0 of the padding slot
         # into page 0.
         slots.fill_(token_pool.padding_slot)
-        for region in (positions, slot_mapping, kv_indices):
-            region.zero_()
+        positions.zero_()
+        kv_indices.zero_()
         last_len.fill_(1)
         kv_indptr.copy_(torch.arange(kv_indptr.shape[0], dtype=torch.int32))
         batch_indices.copy_(torch.arange(batch_indices.shape[0], dtype=torch.int32))
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buffer=torch.zeros(kv_indices.shape[0], dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device),
-                backend="fa2",
+                paged_kv_indptr_buffer=kv_indptr[: bs + 1], paged_kv_indices_buffer=kv_indices,
+                paged_kv_last_page_len_buffer=last_len[:bs], backend="fa2",
             )
             meta = AttentionMetadata(
                 num_decodes=bs,
                 query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
                 kv_lens_cpu=torch.ones(bs, dtype=torch.int32),
-                page_table=kv_indices[:bs].view(bs, 1),
-                slot_mapping=slot_mapping[:bs],
+                page_table=None,
+                slot_mapping=None,
                 page_size=kv_pool.page_size,
                 kv_indptr_cpu=torch.arange(bs + 1, dtype=torch.int32),
                 kv_indices=kv_indices[:bs],
@@ -100,7 +100,13 @@ class DecodeGraphs:
                 batch_indices=batch_indices[:bs],
                 positions=positions[:bs],
             )
-            self._plan(wrapper, meta)
+            # The full planner once, on its own copy of the page list (it copies that into the
+            # wrapper's buffer, which is the staging region itself): it picks the kernel and
+            # caches the module the fast plans reuse.
+            hq, hkv, d, ps = self.heads
+            wrapper.plan(meta.kv_indptr_cpu, kv_indices[:bs].clone(), meta.kv_last_page_len_cpu, hq, hkv, d, ps,
+                         q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                         disable_split_kv=self.batch_invariant)
             backend = _GraphDecodeAttention(wrapper)
             inputs = (token_pool, kv_pool, slots[:bs], positions[:bs], backend, meta)
             self._forward(model, *inputs)  # warm-up outside capture: loads modules, fills cached buffers
@@ -125,17 +131,19 @@ class DecodeGraphs:
                 return bs
         return None
 
-    def _plan(self, wrapper, meta: AttentionMetadata) -> None:
-        hq, hkv, d, ps = self.heads
-        wrapper.plan(meta.kv_indptr_cpu, meta.kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d, ps,
-                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-                     disable_split_kv=self.batch_invariant)
-
-    def replay(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+    def plan(self, bs: int, meta: AttentionMetadata) -> None:
+        """Schedule the next replay of graph ``bs`` over ``meta``'s pages, already staged in place."""
         g = self._graphs[bs]
+        hq, hkv, d, ps = self.heads
         with g.fence:
-            self._plan(g.wrapper, meta)
+            self._fast_plan(g.wrapper, meta.kv_indptr_cpu, meta.kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d,
+                             ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                             disable_split_kv=self.batch_invariant)
         # The plan's launch parameters were baked into the graph at capture; they must not move.
         assert g.wrapper._plan_info == g.plan_info, "FlashInfer decode plan changed shape under a graph"
+
+    def replay(self, bs: int) -> torch.Tensor:
+        """Launch graph ``bs`` (planned); its logits [bs, V]."""
+        g = self._graphs[bs]
         g.graph.replay()
         return g.logits

@@ -179,9 +179,11 @@ class CudaExecutor(_WorkerExecutor):
         return Launched(prepared, h)
 
     def _forward(self, h: _CudaHandle) -> None:
+        self.runner.plan(h.prepared)
+        # After the plan: its host time is not the device's, even when the device waits for it.
         h.start = torch.cuda.Event(enable_timing=True)
         h.start.record()
-        h.logits = self.runner.forward(h.prepared)
+        h.logits = self.runner.launch_forward(h.prepared)
         if h.prepared.grammar is not None and not h.prepared.grammar.filled:
             # Its sampling waits for the mask, likely past the next prepare, which rewrites the shared
             # device staging: keep its own copy of the indices the sampler reads from there.

@@ -67,13 +67,18 @@ class PromptLogprobsBatch:
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
+    # In this order, a decode step writes only the front of each of the first nine regions (the
+    # decode graphs' inputs), which PinnedStaging.stage sends in one copy.
+    per_seq = ("kv_indptr", "kv_last_page_len", "logits_indices", "sample_slots", "sample_positions",
+               "decode_token_slots", "decode_positions", "decode_batch_indices")
     return {
-        "token_slots": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+        **{name: max_seqs for name in per_seq}, "kv_indptr": max_seqs + 1,
         # Prefix caching shares pages between sequences, so the pool size does not bound a batch's
         # page list; every sequence holding a full page table does.
-        "kv_indices": max_seqs * max_pages_per_seq, "page_table": max_seqs * max_pages_per_seq,
-        "kv_indptr": max_seqs + 1, "kv_last_page_len": max_seqs, "batch_indices": max_tokens,
-        "logits_indices": max_seqs, "sample_slots": max_seqs, "sample_positions": max_seqs,
+        "kv_indices": max_seqs * max_pages_per_seq,
+        "token_slots": max_tokens, "positions": max_tokens, "batch_indices": max_tokens,
+        # The torch backend's page table and KV slot per token; FlashInfer reads the CSR lists.
+        "slot_mapping": max_tokens, "page_table": max_seqs * max_pages_per_seq,
     }
 
 
@@ -124,15 +129,21 @@ class ModelRunner:
         positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
         kv_lens = (starts + lens).astype(np.int32)
         pages_used = (kv_lens + page_size - 1) // page_size
-        page_table = np.zeros((rows, max(int(pages_used.max()), 1)), dtype=np.int32)  # padded rows: page 0
-        for i, s in enumerate(seqs):
-            k = int(pages_used[i])
-            page_table[i, :k] = s.pages[:k]
-        slot_mapping = page_table[seq_of_token, positions // page_size].astype(np.int64) * page_size + positions % page_size
         kv_indptr = np.zeros(rows + 1, dtype=np.int32)
         np.cumsum(pages_used, out=kv_indptr[1:])
-        kv_indices = page_table[np.arange(page_table.shape[1])[None, :] < pages_used[:, None]]  # row-major: CSR
-
+        # CSR page lists; padded rows read the reserved page 0.
+        kv_indices = np.zeros(int(kv_indptr[-1]), dtype=np.int32)
+        if n:
+            kv_indices[: kv_indptr[n]] = np.concatenate(
+                [np.asarray(s.pages[:k], dtype=np.int32) for s, k in zip(seqs, pages_used.tolist())])
+        paged = {}
+        if self.backend.uses_page_table:
+            width = max(int(pages_used.max()), 1)
+            page_table = np.zeros((rows, width), dtype=np.int32)  # unused entries: page 0
+            page_table[np.arange(width)[None, :] < pages_used[:, None]] = kv_indices
+            paged = {"page_table": page_table.reshape(-1),
+                     "slot_mapping": kv_indices[kv_indptr[seq_of_token] + positions // page_size] * page_size
+                     + positions % page_size}
         kv_last_page_len = kv_lens - (pages_used - 1) * page_size
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         num_tokens = int(qsl[-1])
@@ -145,32 +156,35 @@ class ModelRunner:
             pad = piece_size - num_tokens
             token_slots = np.concatenate([token_slots, np.full(pad, self.token_pool.padding_slot, dtype=np.int64)])
             positions = np.concatenate([positions, np.zeros(pad, dtype=positions.dtype)])
-        staged = self.staging.stage({
-            "kv_indptr": kv_indptr, "kv_last_page_len": kv_last_page_len, "batch_indices": seq_of_token,
-            "token_slots": token_slots, "positions": positions, "slot_mapping": slot_mapping,
-            "kv_indices": kv_indices, "page_table": page_table.reshape(-1),
+        # A decode graph reads its per-token inputs from regions beside the per-sequence ones, so a
+        # decode step's whole staging goes to the device in one copy.
+        tok = "decode_" if graph_bs else ""
+        arrays = {
+            "kv_indptr": kv_indptr, "kv_last_page_len": kv_last_page_len, "kv_indices": kv_indices,
+            tok + "token_slots": token_slots, tok + "positions": positions, tok + "batch_indices": seq_of_token,
             "logits_indices": np.arange(len(sampling)) if graph_bs else qsl[1:][sampling] - 1,
-            "sample_slots": slots[sampling], "sample_positions": (starts + lens)[sampling],
-        })
+            "sample_slots": slots[sampling], "sample_positions": (starts + lens)[sampling], **paged,
+        }
+        staged = self.staging.stage(arrays)
         meta = AttentionMetadata(
             num_decodes=rows if graph_bs else batch.num_decodes,
             query_start_loc_cpu=torch.from_numpy(qsl),
             kv_lens_cpu=torch.from_numpy(kv_lens),
-            page_table=staged["page_table"].view(page_table.shape),
-            slot_mapping=staged["slot_mapping"],
+            page_table=staged["page_table"].view(rows, -1) if "page_table" in staged else None,
+            slot_mapping=staged.get("slot_mapping"),
             page_size=page_size,
             kv_indptr_cpu=torch.from_numpy(kv_indptr),
             kv_indices=staged["kv_indices"],
             kv_last_page_len_cpu=torch.from_numpy(kv_last_page_len.astype(np.int32)),
             kv_indptr=staged["kv_indptr"],
             kv_last_page_len=staged["kv_last_page_len"],
-            batch_indices=staged["batch_indices"],
-            positions=staged["positions"][:num_tokens],
+            batch_indices=staged[tok + "batch_indices"],
+            positions=staged[tok + "positions"][:num_tokens],
         )
         return PreparedBatch(
             batch=batch,
-            token_slots=staged["token_slots"],
-            positions=staged["positions"],
+            token_slots=staged[tok + "token_slots"],
+            positions=staged[tok + "positions"],
             meta=meta,
             logits_indices=staged["logits_indices"],
             sample_slots=staged["sample_slots"],
@@ -186,9 +200,22 @@ class ModelRunner:
         """Launch the batch; returns the sampled ids [S] (and logprobs) on the device, not yet read back."""
         return self.sample(prepared, self.forward(prepared))
 
-    @torch.inference_mode()
+    def plan(self, prepared: PreparedBatch) -> None:
+        """The host half of the attention kernels' set-up (FlashInfer's plan), before anything launches."""
+        if prepared.graph_batch_size is not None:
+            assert self.graphs is not None
+            self.graphs.plan(prepared.graph_batch_size, prepared.meta)
+        else:
+            self.backend.plan(prepared.meta)
+
     def forward(self, prepared: PreparedBatch) -> torch.Tensor | None:
-        """Launch the batch's forward; its logits [S, V] (None: nothing samples). Reads no mask."""
+        """Plan and launch the batch's forward; its logits [S, V] (None: nothing samples). Reads no mask."""
+        self.plan(prepared)
+        return self.launch_forward(prepared)
+
+    @torch.inference_mode()
+    def launch_forward(self, prepared: PreparedBatch) -> torch.Tensor | None:
+        """``forward`` once planned: every kernel here is the batch's device time."""
         if prepared.batch.swaps:
             assert self.swapper is not None, "a swap was scheduled without a swapper"
             self.swapper.run(prepared.batch.swaps)
@@ -198,22 +225,19 @@ class ModelRunner:
         num_samples = prepared.logits_indices.shape[0]
         if prepared.graph_batch_size is not None:
             assert self.graphs is not None
-            logits = self.graphs.replay(prepared.graph_batch_size, prepared.meta)[:num_samples]
+            return self.graphs.replay(prepared.graph_batch_size)[:num_samples]
+        if prepared.piece_size is not None:
+            assert self.pieces is not None
+            hidden = self.pieces.run(prepared.piece_size, prepared.batch.num_tokens, self.backend, prepared.meta,
+                                     prepared.token_slots, prepared.positions)
         else:
-            self.backend.plan(prepared.meta)
-            if prepared.piece_size is not None:
-                assert self.pieces is not None
-                hidden = self.pieces.run(prepared.piece_size, prepared.batch.num_tokens, self.backend, prepared.meta,
-                                         prepared.token_slots, prepared.positions)
-            else:
-                input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
-                hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
-            if prepared.prompt_lp is not None:
-                _score_prompt(self.model, hidden, prepared.prompt_lp)
-            if num_samples == 0:
-                return None
-            logits = self.model.compute_logits(hidden[prepared.logits_indices])
-        return logits
+            input_ids = self.token_pool.gather(prepared.token_slots, prepared.positions)
+            hidden = self.model(input_ids, prepared.positions, self.kv_pool.data, self.backend, prepared.meta)
+        if prepared.prompt_lp is not None:
+            _score_prompt(self.model, hidden, prepared.prompt_lp)
+        if num_samples == 0:
+            return None
+        return self.model.compute_logits(hidden[prepared.logits_indices])
 
     @torch.inference_mode()
     def sample(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> SamplerOutput:
