@@ -41,6 +41,7 @@ from conveyor.runtime.engine_args import (  # noqa: E402
     engine_config,
     parse_range,  # noqa: E402
 )
+from conveyor.runtime.tools.simulator.cost_model import save_step_records  # noqa: E402
 from conveyor.scheduler import SamplingParams  # noqa: E402
 
 
@@ -110,12 +111,6 @@ def run_once(config, prompts, params, args) -> tuple[dict, list[StepRecord]]:
     del llm, core
     release_device_memory()
     return result, records
-
-
-def write_step_records(records: list[StepRecord], path: Path) -> None:
-    """One JSON object per step, keyed by StepRecord's field names; json writes the spans as [start, end]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r._asdict() for r in records]))
 
 
 # -- Hugging Face transformers on the same workload -------------------------------------------
@@ -309,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(result)
         print(json.dumps(results[-1]), flush=True)
     if args.step_records is not None:
-        write_step_records(records, args.step_records)
+        save_step_records(records, args.step_records)
     print(f"\n{'depth':>5} {'out tok/s':>10} {'roofline':>9} {'achieved':>8} {'idle':>6} {'cpu ms':>7} {'dev ms':>7}")
     for r in results:
         print(f"{r['pipeline_depth']:>5} {r['output_tok_s']:>10,.0f} {r['roofline_output_tok_s']:>9,.0f} "

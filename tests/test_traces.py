@@ -176,6 +176,43 @@ def test_protocol_writes_every_row_it_was_asked_for(tmp_path):
     json.dumps(out)
 
 
+def test_the_priority_rows_background_lasts_as_long_as_the_urgent_stream():
+    """At 1x and 2x capacity the background runs the urgent stream's whole span, twice as dense at 2x (the
+    trace's other rows alone would stop at 90% and 45% of it)."""
+    trace = load_trace(SHAREGPT, 60)
+    proto = Protocol(trace, CONFIG, policies=("fcfs", "priority"), loads=(1.0,), iters=2)
+    bench = proto.run_all(("priority",))
+    row, n = bench.rows["priority"], len(trace.rows)
+    for policy in ("fcfs", "priority"):
+        one, two = row[f"{policy} low 1x"], row[f"{policy} low 2x"]
+        assert one["background_span"] >= 0.9 and two["background_span"] >= 0.9
+        assert 1.5 <= two["background"] / one["background"] <= 2.5 and one["background"] > n / 2
+        assert two["urgent_ttft_p50"] <= two["urgent_ttft_p95"]
+
+
+def test_a_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    def broken(self, cap):
+        raise KeyboardInterrupt  # as a timeout's signal would, after the chunked row
+    monkeypatch.setattr(Protocol, "row_fair", broken)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(["--trace", str(AZURE), "--limit", "30", "--policy", "fcfs", "--rows", "chunked", "fair",
+                    "--loads", "1.1", "--iters", "2", "--max-num-seqs", "16", "--no-plot", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "azure_code_slice_sim.json").read_text())
+    assert "chunked" in out["rows"] and "fair" not in out["rows"] and out["per_load"]["1.1x"]["fcfs"]
+
+
+def test_step_records_round_trip_gzipped(tmp_path):
+    from conveyor.runtime.engine.step_stats import StepRecord
+    from conveyor.runtime.tools.simulator.cost_model import load_step_records, save_step_records
+
+    span = (1.0, 2.0)
+    records = [StepRecord(i, 4, 4 + i, i, 100 * i, span, span, span, span, span, (1.0, 1.5 + i), 0.0) for i in range(3)]
+    for name in ("steps.json", "steps.json.gz"):
+        save_step_records(records, tmp_path / name)
+        assert load_step_records(tmp_path / name) == records
+    assert (tmp_path / "steps.json.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic
+
+
 def test_the_script_writes_json_and_plots(tmp_path):
     assert bench_main(["--trace", str(AZURE), "--limit", "30", "--policy", "fcfs", "sjf", "--rows", "chunked",
                      "--loads", "0.5", "1.1", "--iters", "2", "--max-num-seqs", "16", "--out", str(tmp_path)]) == 0

@@ -20,8 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-from conveyor.runtime.tools.simulator.cost_model import CostModel, fit_cost_model, load_step_records
-from conveyor.runtime.tools.simulator.trace_bench import LOADS, ROWS, TRACE_CONFIG, Protocol, plot_bench
+from conveyor.runtime.tools.simulator.cost_model import (
+    CostModel,
+    fit_cost_model,
+    load_step_records,
+    save_step_records,
+)
+from conveyor.runtime.tools.simulator.trace_bench import LOADS, ROWS, TRACE_CONFIG, Bench, Protocol, plot_bench
 from conveyor.runtime.tools.simulator.traces import TraceOptions, load_trace
 from conveyor.scheduler.policies import POLICY_NAMES
 
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real: give the engine the simulated pool's page count (--num-pages; the lpm row's 25%% "
                    "pool), so both engines run on one pool; off: the pool the device's memory sizes")
     r.add_argument("--pipeline-depth", type=int, default=2)
-    r.add_argument("--step-records", type=Path, default=None, help="real: write every step's StepRecord here")
+    r.add_argument("--step-records", type=Path, default=None,
+                   help="real: write every step's StepRecord here (gzipped if the name ends in .gz)")
     p.add_argument("--out", type=Path, default=Path("bench_traces_out"))
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -106,16 +112,21 @@ def main(argv=None) -> int:
                          iters=args.iters, max_tokens_factor=args.max_tokens_factor, pool_share=args.pool_share,
                          progress=lambda s, n=trace.name: print(f"[{n}] {s}", flush=True),
                          **({"run": run} if run is not None else {}))
-        bench = proto.run_all(args.rows, depth_run)
-        out = bench.to_builtins()
-        if runner is not None:
-            out["sim_vs_real"] = sim_vs_real(proto, runner)
-            if args.step_records is not None:
-                args.step_records.write_text(json.dumps([r._asdict() for r in runner.step_records]))
         stem = args.out / f"{trace.name}_{args.engine}"
-        stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
         command = "python scripts/bench_traces.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        stem.with_suffix(".md").write_text(markdown(out, command))
+
+        def save(bench: Bench) -> dict:  # after each row too: a run cut short keeps what it measured
+            out = bench.to_builtins()
+            if runner is not None and "fcfs" in args.policy and bench.per_load:
+                out["sim_vs_real"] = sim_vs_real(proto, runner)
+            stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
+            stem.with_suffix(".md").write_text(markdown(out, command))
+            if runner is not None and args.step_records is not None:
+                save_step_records(runner.step_records, args.step_records)
+            return out
+
+        bench = proto.run_all(args.rows, depth_run, after=save)
+        out = save(bench)
         if not args.no_plot:
             plot_bench(bench, args.out)
         print_bench(out)
