@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -230,22 +230,29 @@ class Protocol:
 
     def row_priority(self, cap: Capacity, urgent: float = 0.1) -> None:
         rate = cap.rate if cap.rate > 0 else cap.saturated
-        n = len(self.trace.rows)
-        k = max(4, n // 10)
-        hi_trace = Trace(self.trace.name + "/hi", self.trace.kind, self.trace.rows[:k])
-        lo_trace = Trace(self.trace.name + "/lo", self.trace.kind, self.trace.rows[k:])
+        rows = self.trace.rows
+        k = max(4, len(rows) // 10)
+        # Every (n/k)-th row is urgent, so with a trace's own arrivals both streams span its whole time.
+        step = max(1, len(rows) // k)
+        urgent_at = set(range(0, step * k, step))
+        hi_trace = Trace(self.trace.name + "/hi", self.trace.kind, tuple(rows[i] for i in sorted(urgent_at)))
+        lo_trace = Trace(self.trace.name + "/lo", self.trace.kind,
+                         tuple(r for i, r in enumerate(rows) if i not in urgent_at))
         hi = to_requests(hi_trace, urgent * rate, self.options, prefix="hi-", priority=0)
         end = max(r.arrival for r in hi)
         row: dict[str, Any] = {}
         for low in (1.0, 2.0):
-            # The background must run as long as the urgent stream, at `low` x capacity: that takes
-            # low x n requests, more than the trace's other rows, so it is several independent copies
-            # of them (their own prompts and arrivals), each at a share of the rate; cut where the
-            # urgent stream ends.
-            copies = math.ceil(low * n / len(lo_trace.rows))
-            lo = [r for c in range(copies)
-                  for r in to_requests(lo_trace, low * rate / copies, self.options, prefix=f"lo{c}-", priority=1)]
-            background = [r for r in lo if r.arrival <= end]
+            # The background runs at `low` x capacity for as long as the urgent stream: that can take
+            # more requests than the trace's other rows, so they are replayed back to back (each replay
+            # its own prompts, and arrivals where the trace has none), cut where the urgent stream ends.
+            background: list[SimRequest] = []
+            t0 = 0.0
+            for c in range(100):
+                part = to_requests(lo_trace, low * rate, self.options, prefix=f"lo{c}-", priority=1)
+                background += [r for r in (replace(r, arrival=r.arrival + t0) for r in part) if r.arrival <= end]
+                t0 += part[-1].arrival
+                if t0 > end or part[-1].arrival <= 0:
+                    break
             work = sorted(hi + background, key=lambda r: r.arrival)
             span = max((r.arrival for r in background), default=0.0) / end if end > 0 else 1.0
             for policy in ("fcfs", "priority"):
@@ -263,9 +270,10 @@ class Protocol:
 
     def row_fair(self, cap: Capacity) -> None:
         rate = cap.rate if cap.rate > 0 else cap.saturated
-        n = len(self.trace.rows)
-        a_trace = Trace(self.trace.name + "/A", self.trace.kind, self.trace.rows[: 2 * n // 3])
-        b_trace = Trace(self.trace.name + "/B", self.trace.kind, self.trace.rows[2 * n // 3:])
+        # Interleaved 2:1, so with a trace's own arrivals both tenants send over its whole time.
+        rows = self.trace.rows
+        a_trace = Trace(self.trace.name + "/A", self.trace.kind, tuple(r for i, r in enumerate(rows) if i % 3 != 2))
+        b_trace = Trace(self.trace.name + "/B", self.trace.kind, tuple(r for i, r in enumerate(rows) if i % 3 == 2))
         # 2:1, 1.5x capacity in all: both backlogged
         a = to_requests(a_trace, 1.0 * rate, self.options, prefix="A-", tenant="A")
         b = to_requests(b_trace, 0.5 * rate, self.options, prefix="B-", tenant="B")
