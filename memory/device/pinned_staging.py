@@ -19,6 +19,19 @@ from typing import Mapping
 import numpy as np
 import torch
 
+MERGE_GAP = 4096  # elements (16 KiB)
+
+
+def merge_spans(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """[lo, hi) spans, sorted and joined where less than ``gap`` apart."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo - merged[-1][1] < gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
 
 class PinnedStaging:
     def __init__(self, regions: Mapping[str, int], num_buffers: int, device: torch.device) -> None:
@@ -73,16 +86,3 @@ class PinnedStaging:
         self._events[i] = ev
         return out
 
-
-MERGE_GAP = 4096  # elements (16 KiB)
-
-
-def merge_spans(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
-    """[lo, hi) spans, sorted and joined where less than ``gap`` apart."""
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if merged and lo - merged[-1][1] < gap:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
