@@ -85,4 +85,3 @@ class PinnedStaging:
         ev.record()
         self._events[i] = ev
         return out
-

@@ -84,7 +84,10 @@ def main(argv: Sequence[str], default_log_level: str | None = None) -> int:
         if args.launch is not None:
             if workers or prefill or decode:
                 raise ValueError("--launch starts its own workers; leave out --worker/--prefill/--decode")
-            gpus = {"auto": visible_gpus, "share": list}.get(args.worker_gpus, lambda: _csv(args.worker_gpus))()
+            if args.worker_gpus == "auto":
+                gpus = visible_gpus()
+            else:  # share: none to split, every worker sees the router's GPUs
+                gpus = [] if args.worker_gpus == "share" else _csv(args.worker_gpus)
             children = plan_children(parse_launch(args.launch), ["--model", args.model, *rest], gpus)
             launch = LaunchPlan(children=tuple(children), ready_timeout=args.launch_timeout,
                                 stop_timeout=args.worker_stop_timeout)

@@ -13,6 +13,7 @@ reaches a peer GPU the variable hides); with fewer, the children share what they
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 import structlog
 
+from conveyor.runtime.engine_args import add_engine_args
 from conveyor.runtime.router.workers import Role
 
 log = structlog.get_logger("conveyor.router")
@@ -78,15 +80,14 @@ def visible_gpus() -> list[str]:
 
 
 def tensor_parallel_size(engine_args: Sequence[str]) -> int:
-    """The workers' ranks per process, as ``conveyor serve`` would read it from these flags."""
-    size = 1
-    args = list(engine_args)
-    for i, a in enumerate(args):
-        if a in ("--tensor-parallel-size", "-tp") and i + 1 < len(args) and args[i + 1].isdigit():
-            size = int(args[i + 1])
-        elif a.startswith("--tensor-parallel-size=") and a.partition("=")[2].isdigit():
-            size = int(a.partition("=")[2])
-    return size
+    """The workers' ranks per process, read from these flags by ``conveyor serve``'s own engine parser."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_engine_args(parser)
+    try:
+        known, _ = parser.parse_known_args(list(engine_args))
+    except argparse.ArgumentError as e:
+        raise ValueError(f"worker flags: {e}") from None
+    return known.tensor_parallel_size
 
 
 def assign_gpus(children: int, per_child: int, gpus: Sequence[str]) -> list[str | None]:

@@ -24,6 +24,7 @@ ROOT = Path(conveyor.__file__).resolve().parent.parent
 
 class ServeProcess:
     def __init__(self, args: Sequence[str], log: Path | None = None, command: str = "serve") -> None:
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log or Path(tempfile.mkstemp(prefix=f"conveyor-{command}-", suffix=".log")[1])
@@ -43,9 +44,9 @@ class ServeProcess:
         """Until ``/health`` answers 200; raises if the process exits or ``deadline`` (monotonic) passes."""
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args[3]} exited with code {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"conveyor {self.command} exited with code {self.proc.returncode}:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.proc.args[3]} on {self.url} not healthy in time:\n{self.tail()}")
+                raise RuntimeError(f"conveyor {self.command} on {self.url} not healthy in time:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:

@@ -10,6 +10,8 @@ and the reserved KV page 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from conveyor.memory.device import KVPool, PinnedStaging, TokenPool
@@ -103,10 +105,7 @@ class DecodeGraphs:
             # The full planner once, on its own copy of the page list (it copies that into the
             # wrapper's buffer, which is the staging region itself): it picks the kernel and
             # caches the module the fast plans reuse.
-            hq, hkv, d, ps = self.heads
-            wrapper.plan(meta.kv_indptr_cpu, kv_indices[:bs].clone(), meta.kv_last_page_len_cpu, hq, hkv, d, ps,
-                         q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-                         disable_split_kv=self.batch_invariant)
+            self._plan(type(wrapper).plan, wrapper, meta, kv_indices[:bs].clone())
             backend = _GraphDecodeAttention(wrapper)
             inputs = (token_pool, kv_pool, slots[:bs], positions[:bs], backend, meta)
             self._forward(model, *inputs)  # warm-up outside capture: loads modules, fills cached buffers
@@ -131,14 +130,17 @@ class DecodeGraphs:
                 return bs
         return None
 
+    def _plan(self, plan: Callable[..., None], wrapper, meta: AttentionMetadata, kv_indices: torch.Tensor) -> None:
+        """``plan(wrapper, ...)`` with the arguments the capture used: the replays' plans must match it."""
+        hq, hkv, d, ps = self.heads
+        plan(wrapper, meta.kv_indptr_cpu, kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d, ps,
+             q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, disable_split_kv=self.batch_invariant)
+
     def plan(self, bs: int, meta: AttentionMetadata) -> None:
         """Schedule the next replay of graph ``bs`` over ``meta``'s pages, already staged in place."""
         g = self._graphs[bs]
-        hq, hkv, d, ps = self.heads
         with g.fence:
-            self._fast_plan(g.wrapper, meta.kv_indptr_cpu, meta.kv_indices, meta.kv_last_page_len_cpu, hq, hkv, d,
-                             ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-                             disable_split_kv=self.batch_invariant)
+            self._plan(self._fast_plan, g.wrapper, meta, meta.kv_indices)
         # The plan's launch parameters were baked into the graph at capture; they must not move.
         assert g.wrapper._plan_info == g.plan_info, "FlashInfer decode plan changed shape under a graph"
 

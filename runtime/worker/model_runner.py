@@ -67,12 +67,12 @@ class PromptLogprobsBatch:
 
 
 def staging_regions(max_tokens: int, max_seqs: int, max_pages_per_seq: int) -> dict[str, int]:
-    # In this order, a decode step writes only the front of each of the first nine regions (the
-    # decode graphs' inputs), which PinnedStaging.stage sends in one copy.
-    per_seq = ("kv_indptr", "kv_last_page_len", "logits_indices", "sample_slots", "sample_positions",
-               "decode_token_slots", "decode_positions", "decode_batch_indices")
     return {
-        **{name: max_seqs for name in per_seq}, "kv_indptr": max_seqs + 1,
+        # A decode step writes only the front of these nine regions (the decode graphs' inputs), which
+        # PinnedStaging.stage then sends in one copy: keep them first and together.
+        "kv_indptr": max_seqs + 1, "kv_last_page_len": max_seqs, "logits_indices": max_seqs,
+        "sample_slots": max_seqs, "sample_positions": max_seqs,
+        "decode_token_slots": max_seqs, "decode_positions": max_seqs, "decode_batch_indices": max_seqs,
         # Prefix caching shares pages between sequences, so the pool size does not bound a batch's
         # page list; every sequence holding a full page table does.
         "kv_indices": max_seqs * max_pages_per_seq,
