@@ -203,6 +203,41 @@ def test_a_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     assert "chunked" in out["rows"] and "fair" not in out["rows"] and out["per_load"]["1.1x"]["fcfs"]
 
 
+def test_a_resumed_run_keeps_the_earlier_slo_capacity_and_rows(tmp_path, monkeypatch):
+    """--resume: a device run split into calls keeps one SLO and capacity (no search again) and the
+    policies and rows not asked for; a row measured again replaces its checks."""
+    from conveyor.runtime.tools.simulator import trace_bench
+
+    args = ["--trace", str(AZURE), "--limit", "30", "--loads", "1.1", "--iters", "2", "--max-num-seqs", "16",
+            "--no-plot"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert bench_main([*args, "--policy", "fcfs", "--rows", "chunked", "--out", str(first)]) == 0
+    before = json.loads((first / "azure_code_slice_sim.json").read_text())
+
+    def no_search(*a, **kw):
+        raise AssertionError("a resumed run searched the capacity again")
+    monkeypatch.setattr(trace_bench, "search_capacity", no_search)
+    resumed = ["--resume", str(first / "azure_code_slice_sim.json")]
+    assert bench_main([*args, *resumed, "--policy", "sjf", "--rows", "fair", "--out", str(second)]) == 0
+    after = json.loads((second / "azure_code_slice_sim.json").read_text())
+    assert after["slo"] == before["slo"] and after["capacity"] == before["capacity"]
+    assert after["per_load"]["1.1x"]["fcfs"] == before["per_load"]["1.1x"]["fcfs"] and after["per_load"]["1.1x"]["sjf"]
+    assert set(after["rows"]) == {"chunked", "fair"}
+    rows = [c["row"] for c in after["checks"]]
+    assert rows.count("chunked") == [c["row"] for c in before["checks"]].count("chunked") == 1 and "fair" in rows
+
+    monkeypatch.undo()  # the chunked row searches prefill-first's capacity
+    again = tmp_path / "again"
+    assert bench_main([*args, "--resume", str(second / "azure_code_slice_sim.json"), "--policy", "--rows", "chunked",
+                       "--out", str(again)]) == 0  # no policies: the rows only
+    last = json.loads((again / "azure_code_slice_sim.json").read_text())
+    assert last["per_load"] == after["per_load"]
+    assert [c["row"] for c in last["checks"]].count("chunked") == 1 and any(c["row"] == "fair" for c in last["checks"])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        bench_main([*args[:-3], "--max-num-seqs", "8", "--no-plot", *resumed, "--policy", "fcfs", "--rows", "fair",
+                    "--out", str(again)])
+
+
 def test_step_records_round_trip_gzipped(tmp_path):
     from conveyor.runtime.engine.step_stats import StepRecord
     from conveyor.runtime.tools.simulator.cost_model import load_step_records, save_step_records

@@ -8,6 +8,7 @@ where the target is missed, the measured bound that explains it.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ import msgspec
 from conveyor.runtime.tools.simulator.capacity import (
     SLO,
     Capacity,
+    Probe,
     Run,
     per_load,
     search_capacity,
@@ -58,15 +60,28 @@ class Bench:
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> rate, saturated, probes
     per_load: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # load -> policy -> row
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> its numbers
-    checks: list[Check] = field(default_factory=list)
+    checks: list[tuple[str, Check]] = field(default_factory=list)  # (the row that checked, the check)
+    row: str = ""  # the row being measured: its checks are tagged with it
 
     def check(self, name: str, value: float, target: str, ok: bool, bound: str = "") -> None:
-        self.checks.append(Check(name + (f" [bound: {bound}]" if bound and not ok else ""), value, target, bool(ok)))
+        name += f" [bound: {bound}]" if bound and not ok else ""
+        self.checks.append((self.row, Check(name, value, target, bool(ok))))
+
+    def start_row(self, row: str) -> None:
+        """Measuring ``row`` (again): the checks it made before go."""
+        self.row = row
+        self.checks = [(r, c) for r, c in self.checks if r != row]
 
     def to_builtins(self) -> dict[str, Any]:
         return {"trace": self.trace, "kind": self.kind, "engine": self.engine, "notes": self.notes,
                 "config": self.config, "slo": self.slo, "capacity": self.capacity, "per_load": self.per_load,
-                "rows": self.rows, "checks": [c._asdict() for c in self.checks]}
+                "rows": self.rows, "checks": [c._asdict() | {"row": r} for r, c in self.checks]}
+
+    @classmethod
+    def from_builtins(cls, d: dict[str, Any]) -> Bench:
+        checks = [(c.get("row", ""), Check(c["name"], c["value"], c["target"], c["ok"])) for c in d["checks"]]
+        return cls(d["trace"], d["kind"], d["engine"], list(d["notes"]), d["config"], d["slo"], d["capacity"],
+                   d["per_load"], d["rows"], checks)
 
 
 @dataclass
@@ -83,6 +98,7 @@ class Protocol:
     max_tokens_factor: float = 6.0  # reservation row: max_tokens = this x the true mean output
     pool_share: float = 0.25  # lpm row: KV pool = this share of the trace's unique prompt pages
     progress: Callable[[str], None] = lambda s: None
+    engine_config: dict[str, Any] = field(default_factory=dict)  # what runs it (the real engine's model, ...)
     bench: Bench = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,11 +121,33 @@ class Protocol:
         self.progress(f"capacity[{mode}] = {cap.rate:.4g} req/s (saturated {cap.saturated:.4g})")
         return cap
 
+    def config_builtins(self) -> dict[str, Any]:
+        """What a result depends on besides the rows: the limits, the cost, the slice, the engine."""
+        out = msgspec.to_builtins(self.config) | {"trace_options": self.options._asdict(),
+                                                  "trace_rows": len(self.trace.rows)}
+        return json.loads(json.dumps(out | ({"engine_config": self.engine_config} if self.engine_config else {})))
+
+    def resume(self, prior: dict[str, Any]) -> None:
+        """Go on from an earlier run's JSON of the same trace, slice and engine: its SLO, capacities,
+        per-load table and rows stand, so a device run split into calls of a few minutes keeps one SLO
+        and one capacity; ``run_all`` then measures the policies and rows it is asked for, replacing theirs."""
+        mine = self.config_builtins()
+        theirs = {"trace": prior["trace"], "engine": prior["engine"]} | prior["config"]
+        for key, value in ({"trace": self.trace.name, "engine": self.engine} | mine).items():
+            # a key the earlier JSON lacks (written before it was recorded) cannot be told apart
+            if key in theirs and theirs[key] != value:
+                raise ValueError(f"resume: the earlier run's {key} is {theirs[key]!r}, this one's {value!r}")
+        self.bench = Bench.from_builtins(prior)
+        self.bench.config = mine
+        self.slo = SLO(prior["slo"]["tbt_p99_s"], prior["slo"]["queue_p50_s"])
+
     # -- the protocol ------------------------------------------------------------------------
     def baseline(self) -> Capacity:
+        if self.bench.slo:  # resumed
+            c = self.bench.capacity["fcfs"]
+            return Capacity(c["rate"], c["saturated"], tuple(Probe(**p) for p in c["probes"]))
         b = self.bench
-        b.config = msgspec.to_builtins(self.config)
-        b.config["trace_options"] = self.options._asdict()
+        b.config = self.config_builtins()
         unloaded = unloaded_decode_step(self.workload(math.inf), self.config, self.run)
         self.slo = SLO(self.tbt_slo_factor * unloaded)
         b.slo = {"unloaded_decode_step_s": unloaded, "tbt_p99_s": self.slo.tbt_p99_s,
@@ -128,9 +166,13 @@ class Protocol:
             return {f"{p}(true)": simulate(p, work, cfg, true_lengths=True) for p in ("sjf", "srtf")
                     if p in self.policies}
 
+        if not self.policies:  # only the rows (resumed, the earlier run's table stands)
+            return
         rate = cap.rate if cap.rate > 0 else cap.saturated
-        self.bench.per_load = per_load(self.maker(), rate, self.policies, self.config, self.slo, self.loads,
-                                       self.run, extra=oracle)
+        # resumed: the policies measured here replace the earlier run's, the others stand
+        for label, table in per_load(self.maker(), rate, self.policies, self.config, self.slo, self.loads, self.run,
+                                     extra=oracle).items():
+            self.bench.per_load.setdefault(label, {}).update(table)
         self.progress("per-load table done")
 
     # -- target rows -------------------------------------------------------------------------
@@ -298,11 +340,11 @@ class Protocol:
         self.bench.check("fair: throughput / fcfs", thr, ">= 0.98", thr >= 0.98)
 
     def row_adaptive(self) -> None:
-        fixed = [p for p in ("fcfs", "sjf", "srtf", "priority") if p in self.policies]
-        if "adaptive" not in self.policies or not fixed:
-            return
         row = {}
-        for label, t in self.bench.per_load.items():
+        for label, t in self.bench.per_load.items():  # resumed: the tables measured in earlier calls too
+            fixed = [p for p in ("fcfs", "sjf", "srtf", "priority") if p in t]
+            if "adaptive" not in t or not fixed:
+                continue
             best = min(fixed, key=lambda p: t[p]["e2e_mean"])
             worst = max(fixed, key=lambda p: t[p]["e2e_mean"])
             vb = t["adaptive"]["e2e_mean"] / t[best]["e2e_mean"]
@@ -311,7 +353,8 @@ class Protocol:
             self.bench.check(f"{label} adaptive: mean E2E / best fixed ({best})", vb, "<= 1.05", vb <= 1.05)
             self.bench.check(f"{label} adaptive: mean E2E / worst fixed ({worst})", vw, "<= 0.9", vw <= 0.9,
                              f"the fixed policies' spread here is {t[worst]['e2e_mean'] / t[best]['e2e_mean']:.3g}x")
-        self.bench.rows["adaptive"] = row
+        if row:
+            self.bench.rows["adaptive"] = row
 
     def row_overlap(self, cap: Capacity, depth_run: Callable[[int], Run] | None) -> None:
         if depth_run is None:
@@ -341,6 +384,7 @@ class Protocol:
             "lpm": self.row_lpm, "priority": lambda: self.row_priority(cap), "fair": lambda: self.row_fair(cap),
             "adaptive": self.row_adaptive, "overlap": lambda: self.row_overlap(cap, depth_run)}
         for name in rows:
+            self.bench.start_row(name)
             steps[name]()
             self.progress(f"row {name} done")
             after(self.bench)

@@ -6,6 +6,7 @@
     python scripts/bench_traces.py --trace tests/data/traces/azure_code_slice.csv --rows chunked --policy fcfs
     python scripts/bench_traces.py --engine real --model qwen3-0.6b --load-format dummy --device cuda \\
         --trace ../shared/traces/sharegpt_8k_lengths.csv --limit 300 --out out/h200/
+    python scripts/bench_traces.py ... --resume out/h200/sharegpt_8k_lengths_real.json --policy --rows reservation
 
 Writes ``<out>/<trace>_<engine>.json`` and plots (latency vs load per policy, capacity bars). With
 ``--engine real`` it also fits the step-time model to the real run's step records and replays the
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=Path, nargs="+", required=True, help="trace files (format told by the header)")
     p.add_argument("--limit", type=int, default=300, help="rows of each trace (0: all)")
     p.add_argument("--offset", type=int, default=0, help="first row")
-    p.add_argument("--policy", nargs="+", default=list(POLICY_NAMES), choices=POLICY_NAMES,
-                   help="policies of the per-load table")
+    p.add_argument("--policy", nargs="*", default=list(POLICY_NAMES), choices=POLICY_NAMES,
+                   help="policies of the per-load table (none: only the rows, e.g. with --resume)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="target rows to measure")
     p.add_argument("--loads", type=float, nargs="+", default=list(LOADS), help="multiples of the capacity")
     p.add_argument("--iters", type=int, default=7, help="binary-search halvings")
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pipeline-depth", type=int, default=2)
     r.add_argument("--step-records", type=Path, default=None,
                    help="real: write every step's StepRecord here (gzipped if the name ends in .gz)")
+    p.add_argument("--resume", type=Path, default=None, metavar="JSON",
+                   help="go on from an earlier run's JSON of this trace, slice and engine (one trace): its SLO, "
+                   "capacity, per-load table and rows stand, but for the --policy and --rows measured again")
     p.add_argument("--out", type=Path, default=Path("bench_traces_out"))
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -82,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import msgspec
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None and len(args.trace) != 1:
+        parser.error("--resume goes on from one trace's JSON: give one --trace")
+    prior = json.loads(args.resume.read_text()) if args.resume is not None else None
     cost = args.cost or TRACE_CONFIG.cost
     if args.fit_records is not None:
         cost = fit_cost_model(load_step_records(args.fit_records))
@@ -91,6 +99,7 @@ def main(argv=None) -> int:
         max_model_len=args.max_model_len, num_pages=args.num_pages, block_size=args.block_size, cost=cost)
     options = TraceOptions(block_tokens=args.block_tokens, length_scale=args.length_scale, seed=args.seed)
     run = depth_run = runner = None
+    engine_config = {}
     if args.engine == "real":
         from conveyor.runtime.engine.config import EngineConfig
         from conveyor.runtime.tools.simulator.real import RealRunner
@@ -99,6 +108,7 @@ def main(argv=None) -> int:
                             kv_cache_memory=args.kv_cache_memory, pipeline_depth=args.pipeline_depth,
                             max_model_len=args.max_model_len)
         # lengths are scaled by --length-scale, prompts too, so no output_scale here
+        engine_config = {k: getattr(base, k) for k in ("model", "load_format", "device", "pipeline_depth")}
         runner = RealRunner(base, output_scale=1.0, match_pool=args.match_pool)
         run = runner
 
@@ -111,14 +121,21 @@ def main(argv=None) -> int:
         proto = Protocol(trace, config, options, engine=args.engine, policies=args.policy, loads=args.loads,
                          iters=args.iters, max_tokens_factor=args.max_tokens_factor, pool_share=args.pool_share,
                          progress=lambda s, n=trace.name: print(f"[{n}] {s}", flush=True),
-                         **({"run": run} if run is not None else {}))
+                         engine_config=engine_config, **({"run": run} if run is not None else {}))
+        if prior is not None:
+            proto.resume(prior)
+            proto.bench.notes.append(f"resumed from {args.resume}; this call measured: per-load "
+                                     f"{', '.join(args.policy) or 'none'}, rows {', '.join(args.rows)}")
         stem = args.out / f"{trace.name}_{args.engine}"
         command = "python scripts/bench_traces.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
         def save(bench: Bench) -> dict:  # after each row too: a run cut short keeps what it measured
             out = bench.to_builtins()
+            # fitted to the steps of the per-load fcfs runs it replays: a resumed run's own only if it ran them
             if runner is not None and "fcfs" in args.policy and bench.per_load:
                 out["sim_vs_real"] = sim_vs_real(proto, runner)
+            elif prior is not None and "sim_vs_real" in prior:
+                out["sim_vs_real"] = prior["sim_vs_real"]
             stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
             stem.with_suffix(".md").write_text(markdown(out, command))
             if runner is not None and args.step_records is not None:
