@@ -76,6 +76,17 @@ def test_fit_recovers_the_coefficients_and_reports_r_squared():
     assert 0.5 < fit_cost_model(noisy).r_squared(noisy) < 0.999
 
 
+def test_fit_counts_the_idle_before_a_step_that_the_engine_caused():
+    # The device waited 2 ms for the host before each prefill step, with work queued: the simulated step
+    # is the timeline's, so the fit charges it to the prefill term (an arrival gap is recorded as 0 idle).
+    truth = CostModel(0.001, 1e-6, 0.0, 0.003)
+    recs = [record(i, t, 0, truth.step_s(t, 0, p > 0), p) for i, (t, p) in
+            enumerate([(1, 0), (64, 0), (512, 448), (300, 236), (16, 0), (200, 136)])]
+    recs = [r._replace(device_idle_before=0.002 if r.num_prefill_tokens else 0.0) for r in recs]
+    fit = fit_cost_model(recs)
+    assert fit.base_s == pytest.approx(0.001) and fit.per_prefill_step_s == pytest.approx(0.005)
+
+
 def test_fit_never_returns_a_negative_coefficient():
     # Durations that fall with KV reads: plain least squares would give c < 0 (negative step times).
     recs = [record(i, t, k, 0.01 + 1e-5 * t - 1e-8 * k) for i, (t, k) in

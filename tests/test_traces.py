@@ -151,6 +151,16 @@ def test_lpm_hits_the_prefix_cache_at_least_as_often_as_fcfs_on_mooncake():
     assert hits["lpm"] <= prefix_hit_ceiling(work, 16) + 1e-9  # no cache beats the infinite one
 
 
+def test_the_lpm_row_runs_at_the_loads_asked_for_on_its_own_pool():
+    trace = load_trace(MOONCAKE, 60)
+    proto = Protocol(trace, CONFIG, policies=(), loads=(0.95,), iters=2)
+    row = proto.run_all(("lpm",)).rows["lpm"]
+    assert set(k for k in row if k.endswith("x")) == {"0.95x"}
+    assert row["pool_pages"] < row["unique_pages"]  # a pool that cannot keep every prefix
+    hits = {p: row["0.95x"][p]["prefix_hit_rate"] for p in ("fcfs", "lpm")}
+    assert 0.0 < hits["fcfs"] <= hits["lpm"] <= row["infinite_cache_hit_ceiling"] + 1e-9
+
+
 def test_sjf_mean_e2e_is_no_worse_than_fcfs_at_overload():
     # 8 req/s, twice this engine's ~4: a queue builds, and arrivals are spread enough for the online
     # predictor to have learned from finished requests before the queue is long (at 20 req/s almost

@@ -55,9 +55,15 @@ class CostModel(msgspec.Struct, frozen=True):
         return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
 
 
+def step_seconds(r: StepRecord) -> float:
+    """A step's share of the engine's timeline, what the simulator's step stands for: its device time plus
+    the device's idle before it while work was queued (the host still preparing it). Idle with nothing to
+    run (an arrival gap) is recorded as 0, so it never counts."""
+    return r.device[1] - r.device[0] + r.device_idle_before
+
+
 def _design(records: Iterable[StepRecord]) -> tuple[np.ndarray, np.ndarray]:
-    rows = [(1.0, r.num_tokens, r.kv_tokens_read, float(r.num_prefill_tokens > 0), r.device[1] - r.device[0])
-            for r in records]
+    rows = [(1.0, r.num_tokens, r.kv_tokens_read, float(r.num_prefill_tokens > 0), step_seconds(r)) for r in records]
     if not rows:
         raise ValueError("no step records to fit")
     m = np.asarray(rows, dtype=np.float64)
@@ -65,7 +71,7 @@ def _design(records: Iterable[StepRecord]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_cost_model(records: Iterable[StepRecord]) -> CostModel:
-    """Least squares of device seconds on (1, num_tokens, kv_tokens_read, has prefill), coefficients >= 0.
+    """Least squares of ``step_seconds`` on (1, num_tokens, kv_tokens_read, has prefill), coefficients >= 0.
 
     A negative coefficient (e.g. KV reads that a CPU's caches hide) would let a simulated step take
     negative time, so this is non-negative least squares: with four unknowns, the best of the fits

@@ -256,7 +256,7 @@ class Protocol:
         cap = self.capacity(f"fcfs {self.pool_share:.0%} pool", cfg)
         rate = cap.rate if cap.rate > 0 else cap.saturated
         row: dict[str, Any] = {"unique_pages": pages, "pool_pages": pool, "infinite_cache_hit_ceiling": ceiling}
-        for load in (0.8, 0.95, 1.1):
+        for load in self.loads:  # --loads: one load is 2 runs, so a device call can take one at a time
             w = self.workload(load * rate)
             res = {p: summarize_load(self.run(p, w, cfg), self.slo) for p in ("fcfs", "lpm")}
             hit = res["lpm"]["prefix_hit_rate"] / ceiling if ceiling > 0 else float("nan")

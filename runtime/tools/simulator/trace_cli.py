@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0, help="first row")
     p.add_argument("--policy", nargs="*", default=list(POLICY_NAMES), choices=POLICY_NAMES,
                    help="policies of the per-load table (none: only the rows, e.g. with --resume)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="target rows to measure")
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS,
+                   help="target rows to measure (none: the baseline and per-load table only)")
     p.add_argument("--loads", type=float, nargs="+", default=list(LOADS), help="multiples of the capacity")
     p.add_argument("--iters", type=int, default=7, help="binary-search halvings")
     p.add_argument("--seed", type=int, default=0)
