@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         if prior is not None:
             proto.resume(prior)
             proto.bench.notes.append(f"resumed from {args.resume}; this call measured: per-load "
-                                     f"{', '.join(args.policy) or 'none'}, rows {', '.join(args.rows)}")
+                                     f"{', '.join(args.policy) or 'none'}, rows {', '.join(args.rows) or 'none'}")
         stem = args.out / f"{trace.name}_{args.engine}"
         command = "python scripts/bench_traces.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
