@@ -125,6 +125,7 @@ class Protocol:
         """What a result depends on besides the rows: the limits, the cost, the slice, the engine."""
         out = msgspec.to_builtins(self.config) | {"trace_options": self.options._asdict(),
                                                   "trace_rows": len(self.trace.rows)}
+        # as JSON gives it back (tuples as lists), so resume compares it with an earlier run's as equals
         return json.loads(json.dumps(out | ({"engine_config": self.engine_config} if self.engine_config else {})))
 
     def resume(self, prior: dict[str, Any]) -> None:
