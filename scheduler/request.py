@@ -71,14 +71,14 @@ class Request:
     remote_prefill: Any = None
     kv_push: Any = None
     kv_hold: bool = False
+    # The stop strings' automaton (runtime.engine.stop_matcher), built by the input processor so the
+    # engine thread never spends time on it; None: built on demand.
+    stop_matcher: Any = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:
         """Prompt positions whose logprobs are still missing: the prefix cache must not skip them."""
         return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens - 1
-    # The stop strings' automaton (runtime.engine.stop_matcher), built by the input processor so the
-    # engine thread never spends time on it; None: built on demand.
-    stop_matcher: Any = None
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_token_ids)

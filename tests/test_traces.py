@@ -161,6 +161,16 @@ def test_the_lpm_row_runs_at_the_loads_asked_for_on_its_own_pool():
     assert 0.0 < hits["fcfs"] <= hits["lpm"] <= row["infinite_cache_hit_ceiling"] + 1e-9
 
 
+def test_with_no_rate_under_the_slo_the_loads_multiply_the_saturated_rate_and_a_note_says_so():
+    proto = Protocol(load_trace(SHAREGPT, 40), CONFIG, policies=("fcfs",), loads=(0.5,), iters=1,
+                     tbt_slo_factor=0.5)  # half the unloaded step: no load can meet it
+    out = proto.run_all(()).to_builtins()
+    cap = out["capacity"]["fcfs"]
+    assert cap["rate"] == 0 and cap["probes"] and not any(p["ok"] for p in cap["probes"])
+    assert out["per_load"]["0.5x"]["fcfs"]["rate_rps"] == pytest.approx(0.5 * cap["saturated"])
+    assert sum(n.startswith("capacity[fcfs]: the SLO held at no probed rate") for n in out["notes"]) == 1
+
+
 def test_sjf_mean_e2e_is_no_worse_than_fcfs_at_overload():
     # 8 req/s, twice this engine's ~4: a queue builds, and arrivals are spread enough for the online
     # predictor to have learned from finished requests before the queue is long (at 20 req/s almost

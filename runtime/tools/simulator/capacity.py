@@ -41,6 +41,11 @@ class Capacity(NamedTuple):
     saturated: float  # the throughput with everything queued at t = 0 (the search goes up to twice it)
     probes: tuple[Probe, ...]
 
+    @property
+    def load_base(self) -> float:
+        """What a load of 0.95x multiplies: the capacity, or the saturated rate where no probe met the SLO."""
+        return self.rate if self.rate > 0 else self.saturated
+
 
 def unloaded_decode_step(workload: Sequence[SimRequest], config: SimConfig, run: Run = simulate,
                          n: int = 4) -> float:
@@ -117,5 +122,5 @@ def per_load(make: MakeWorkload, capacity: float, policies: Sequence[str], confi
         out[label] = {p: {k: v for k, v in summarize_load(r, slo).items() if k in LOAD_KEYS}
                       for p, r in results.items()}
         for p, r in results.items():
-            out[label][p]["wait_share"] = wait_share(r)
+            out[label][p] |= {"wait_share": wait_share(r), "rate_rps": load * capacity}
     return out

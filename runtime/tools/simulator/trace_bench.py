@@ -119,6 +119,14 @@ class Protocol:
         self.bench.capacity[mode] = {"rate": cap.rate, "saturated": cap.saturated,
                                      "probes": [p._asdict() for p in cap.probes]}
         self.progress(f"capacity[{mode}] = {cap.rate:.4g} req/s (saturated {cap.saturated:.4g})")
+        tag = f"capacity[{mode}]:"
+        self.bench.notes = [n for n in self.bench.notes if not n.startswith(tag)]  # measured again: the new one stands
+        if cap.rate == 0:
+            low = min(cap.probes, key=lambda p: p.rate)
+            self.bench.notes.append(
+                f"{tag} the SLO held at no probed rate (the lowest, {low.rate:.3g} req/s: P99 TBT "
+                f"{low.tbt_p99_s * 1e3:.3g} ms, median queueing {low.queue_p50_s:.3g} s); what runs at a multiple of "
+                f"this capacity runs at that multiple of the saturated rate, {cap.saturated:.3g} req/s")
         return cap
 
     def config_builtins(self) -> dict[str, Any]:
@@ -169,7 +177,7 @@ class Protocol:
 
         if not self.policies:  # only the rows (resumed, the earlier run's table stands)
             return
-        rate = cap.rate if cap.rate > 0 else cap.saturated
+        rate = cap.load_base
         # resumed: the policies measured here replace the earlier run's, the others stand
         for label, table in per_load(self.maker(), rate, self.policies, self.config, self.slo, self.loads, self.run,
                                      extra=oracle).items():
@@ -255,7 +263,7 @@ class Protocol:
         cfg = msgspec.structs.replace(self.config, num_pages=pool)
         ceiling = prefix_hit_ceiling(work, self.config.block_size)
         cap = self.capacity(f"fcfs {self.pool_share:.0%} pool", cfg)
-        rate = cap.rate if cap.rate > 0 else cap.saturated
+        rate = cap.load_base
         row: dict[str, Any] = {"unique_pages": pages, "pool_pages": pool, "infinite_cache_hit_ceiling": ceiling}
         for load in self.loads:  # --loads: one load is 2 runs, so a device call can take one at a time
             w = self.workload(load * rate)
@@ -263,7 +271,7 @@ class Protocol:
             hit = res["lpm"]["prefix_hit_rate"] / ceiling if ceiling > 0 else float("nan")
             ttft = res["fcfs"]["ttft_mean"] / res["lpm"]["ttft_mean"]
             row[f"{load:g}x"] = {p: {k: r[k] for k in ("prefix_hit_rate", "ttft_mean", "ttft_p99", "e2e_mean")}
-                                 for p, r in res.items()} | {"hit_vs_ceiling": hit, "ttft_gain": ttft}
+                                 for p, r in res.items()} | {"hit_vs_ceiling": hit, "ttft_gain": ttft, "rate_rps": load * rate}
             self.bench.check(f"{load:g}x lpm: hit rate / infinite-cache ceiling ({ceiling:.3f})", hit, ">= 0.9",
                              hit >= 0.9, f"fcfs reaches {res['fcfs']['prefix_hit_rate'] / max(ceiling, 1e-9):.3g}")
             self.bench.check(f"{load:g}x lpm: mean TTFT fcfs / lpm", ttft, ">= 2", ttft >= 2.0,
@@ -272,7 +280,7 @@ class Protocol:
         self.bench.rows["lpm"] = row
 
     def row_priority(self, cap: Capacity, urgent: float = 0.1) -> None:
-        rate = cap.rate if cap.rate > 0 else cap.saturated
+        rate = cap.load_base
         rows = self.trace.rows
         k = max(4, len(rows) // 10)
         # Every (n/k)-th row is urgent, so with a trace's own arrivals both streams span its whole time.
@@ -312,7 +320,7 @@ class Protocol:
                          f"fcfs rises {row['fcfs low 2x']['urgent_ttft_p95'] / row['fcfs low 1x']['urgent_ttft_p95']:.3g}x")
 
     def row_fair(self, cap: Capacity) -> None:
-        rate = cap.rate if cap.rate > 0 else cap.saturated
+        rate = cap.load_base
         # Interleaved 2:1, so with a trace's own arrivals both tenants send over its whole time.
         rows = self.trace.rows
         a_trace = Trace(self.trace.name + "/A", self.trace.kind, tuple(r for i, r in enumerate(rows) if i % 3 != 2))
@@ -362,7 +370,7 @@ class Protocol:
             self.bench.notes.append("overlap: the simulator runs at depth 1 (one step = one engine step), so it "
                                     "cannot tell depth 2 from 1; that row is for --engine real")
             return
-        rate = cap.rate if cap.rate > 0 else cap.saturated
+        rate = cap.load_base
         work = self.workload(0.95 * rate)
         row = {}
         for depth in (1, 2):

@@ -171,6 +171,11 @@ def sim_vs_real(proto: Protocol, runner) -> dict:
     return out
 
 
+def _rate(row: dict) -> str:
+    # a JSON written before the rate was recorded has none
+    return f" ({row['rate_rps']:.3g} req/s)" if "rate_rps" in row else ""
+
+
 def markdown(out: dict, command: str) -> str:
     """The README's table for one trace: capacity per mode, every policy at each load, the targets."""
     lines = [f"`{command}`", "", *out["notes"], "",
@@ -179,7 +184,7 @@ def markdown(out: dict, command: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for label, table in out["per_load"].items():
         for p, r in table.items():
-            lines.append(f"| {label} | {p} | {r['e2e_mean']:.3g} | {r['e2e_p99']:.3g} | {r['ttft_p99']:.3g} | "
+            lines.append(f"| {label}{_rate(r)} | {p} | {r['e2e_mean']:.3g} | {r['e2e_p99']:.3g} | {r['ttft_p99']:.3g} | "
                          f"{r['tbt_p99'] * 1e3:.3g} | {r['goodput_rps']:.3g} | {r['preemptions']:.0f} |")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {c['name']} (target {c['target']}) | {c['value']:.3g} | {'yes' if c['ok'] else '**no**'} |"
@@ -194,7 +199,7 @@ def print_bench(out: dict) -> None:
     print("capacity (req/s): " + ", ".join(f"{m} {c['rate']:.4g}" for m, c in out["capacity"].items()))
     keys = ("e2e_mean", "e2e_p99", "ttft_p99", "tbt_p99", "goodput_rps", "preemptions")
     for label, table in out["per_load"].items():
-        print(f"-- {label} capacity")
+        print(f"-- {label} capacity{_rate(next(iter(table.values()), {}))}")
         print(f"{'policy':14}" + "".join(f"{k:>13}" for k in keys))
         for p, row in table.items():
             print(f"{p:14}" + "".join(f"{row[k]:>13.4g}" for k in keys))
