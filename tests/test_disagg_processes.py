@@ -67,7 +67,7 @@ def _room() -> str:
     return uuid.uuid4().hex
 
 
-def _headers(p: Worker, room: str | None = None) -> dict[str, str]:
+def _headers(p: ServeProcess, room: str | None = None) -> dict[str, str]:
     return {"X-Conveyor-Room": room or _room(), "X-Conveyor-Prefill": p.url}
 
 
@@ -224,7 +224,7 @@ async def test_chaos_random_client_aborts(trio) -> None:
     await asyncio.to_thread(_wait_idle, p.url, 30)
 
 
-async def _long_requests(http: aiohttp.ClientSession, p: Worker, d: Worker, n: int) -> list[asyncio.Task]:
+async def _long_requests(http: aiohttp.ClientSession, p: ServeProcess, d: ServeProcess, n: int) -> list[asyncio.Task]:
     async def one(i: int) -> int:
         body = {"prompt": _prompt(1000, 100 + i), "max_tokens": 4, "temperature": 0}
         try:
@@ -237,7 +237,7 @@ async def _long_requests(http: aiohttp.ClientSession, p: Worker, d: Worker, n: i
     return [asyncio.create_task(one(i)) for i in range(n)]
 
 
-def _wait_sending(p: Worker, timeout_s: float = 60) -> None:
+def _wait_sending(p: ServeProcess, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while _metrics(p.url).get("kv_pages.sending", 0) == 0:
         assert time.monotonic() < deadline, "P never started sending"
