@@ -72,6 +72,11 @@ class Bench:
         self.row = row
         self.checks = [(r, c) for r, c in self.checks if r != row]
 
+    def capacity_of(self, mode: str) -> Capacity:
+        """A capacity search's result as recorded (or read back from an earlier run's JSON)."""
+        c = self.capacity[mode]
+        return Capacity(c["rate"], c["saturated"], tuple(Probe(**p) for p in c["probes"]))
+
     def to_builtins(self) -> dict[str, Any]:
         return {"trace": self.trace, "kind": self.kind, "engine": self.engine, "notes": self.notes,
                 "config": self.config, "slo": self.slo, "capacity": self.capacity, "per_load": self.per_load,
@@ -153,8 +158,7 @@ class Protocol:
     # -- the protocol ------------------------------------------------------------------------
     def baseline(self) -> Capacity:
         if self.bench.slo:  # resumed
-            c = self.bench.capacity["fcfs"]
-            return Capacity(c["rate"], c["saturated"], tuple(Probe(**p) for p in c["probes"]))
+            return self.bench.capacity_of("fcfs")
         b = self.bench
         b.config = self.config_builtins()
         unloaded = unloaded_decode_step(self.workload(math.inf), self.config, self.run)

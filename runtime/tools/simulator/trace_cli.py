@@ -160,8 +160,7 @@ def sim_vs_real(proto: Protocol, runner) -> dict:
 
     fitted = fit_cost_model(runner.step_records)
     cfg = msgspec.structs.replace(proto.config, cost=fitted)
-    cap = proto.bench.capacity["fcfs"]
-    rate = cap["rate"] or cap["saturated"]
+    rate = proto.bench.capacity_of("fcfs").load_base
     out = {"fitted_cost": msgspec.to_builtins(fitted), "r_squared": fitted.r_squared(runner.step_records)}
     for load in proto.loads:
         sim = summarize_load(simulate("fcfs", proto.workload(load * rate), cfg), proto.slo)
